@@ -1,0 +1,238 @@
+"""Mini-sequence LM head + vocab-parallel cross-entropy against full-logits cross-entropy."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
+from tests.multirank import run_on_ranks
+
+aten = torch.ops.aten
+
+
+def make_inputs(T, V, h, dtype=torch.float32, seed=0):
+    """hidden, weight, labels and a non-uniform upstream gradient with some zeros (a loss mask)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, h, generator=g).to(dtype)
+    weight = (torch.randn(V, h, generator=g) / h**0.5).to(dtype)
+    labels = torch.randint(0, V, (T,), generator=g)
+    grad_out = torch.rand(T, generator=g) * 2.0
+    grad_out[torch.rand(T, generator=g) < 0.3] = 0.0
+    return hidden, weight, labels, grad_out
+
+
+def reference(hidden, weight, labels, grad_out):
+    """Per-token loss, dh and dW from full logits, computed in fp64 from the given (rounded) inputs."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    loss = F.cross_entropy(h @ w.t(), labels, reduction="none")
+    loss.backward(grad_out.double())
+    return loss.detach(), h.grad, w.grad
+
+
+def run_op(hidden, weight, labels, grad_out, num_chunks, tp_group=None):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, num_chunks, tp_group=tp_group)
+    loss.backward(grad_out)
+    return loss.detach(), h.grad, w.grad
+
+
+def rel_err(actual, expected):
+    """Max abs error relative to the reference's max abs value."""
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+T_FP32 = 29  # prime: no chunk count in {2, 7} divides it
+
+
+@pytest.mark.parametrize("num_chunks", [1, 2, 7, T_FP32])
+def test_fp32_matches_full_logits(num_chunks):
+    hidden, weight, labels, grad_out = make_inputs(T_FP32, 50, 16)
+    loss, dh, dw = run_op(hidden, weight, labels, grad_out, num_chunks)
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+    assert loss.dtype == torch.float32 and loss.shape == (T_FP32,)
+    assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert rel_err(dh, ref_dh) <= 1e-4
+    assert rel_err(dw, ref_dw) <= 1e-4
+
+
+def test_single_token():
+    hidden, weight, labels, _ = make_inputs(1, 11, 4)
+    grad_out = torch.tensor([0.7])
+    loss, dh, dw = run_op(hidden, weight, labels, grad_out, 1)
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert rel_err(dh, ref_dh) <= 1e-4
+    assert rel_err(dw, ref_dw) <= 1e-4
+
+
+def test_bf16_matches_fp32_reference_of_rounded_inputs():
+    hidden, weight, labels, grad_out = make_inputs(37, 64, 32, dtype=torch.bfloat16)
+    loss, dh, dw = run_op(hidden, weight, labels, grad_out, 5)
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+    assert loss.dtype == torch.float32
+    assert dh.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
+    # The logits GEMM outputs bf16 (unit roundoff 2^-9 ~ 2e-3 relative per logit). Logits here are
+    # ~N(0, 1), so each carries an absolute error up to ~5e-3 that passes straight into the loss
+    # (~log V ~ 4 plus spread): ~1e-3 of the max loss. Backward has that error inside exp (p off by up
+    # to ~5e-3 relative), one bf16 rounding of (softmax - onehot) * grad and one of each gradient GEMM
+    # output: a few 1e-3 of the max gradient. Measured over 5 seeds: loss <= 8e-4, dh and dW <= 6e-3;
+    # the bounds leave ~3x headroom. Bugs (wrong target, wrong scaling, a dropped chunk) give O(1).
+    assert rel_err(loss, ref_loss) <= 3e-3
+    assert rel_err(dh, ref_dh) <= 1.5e-2
+    assert rel_err(dw, ref_dw) <= 1.5e-2
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts GEMMs and host syncs (``.item()``/``nonzero`` and friends) dispatched inside it."""
+
+    GEMMS = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm_.default, aten.addmm.out}
+    SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.gemms = 0
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.GEMMS:
+            self.gemms += 1
+        if func in self.SYNCS:
+            self.syncs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden", "none"])
+def test_gemm_count_and_no_host_sync(frozen):
+    """A frozen head does no weight-gradient GEMM; frozen inputs do no dh GEMM; nothing syncs."""
+    num_chunks = 4
+    hidden, weight, labels, grad_out = make_inputs(23, 30, 8)
+    h = hidden.clone().requires_grad_(frozen != "hidden")
+    w = weight.clone().requires_grad_(frozen != "weight")
+    with OpCounter() as fwd:
+        loss = linear_cross_entropy(h, w, labels, num_chunks)
+    with OpCounter() as bwd:
+        loss.backward(grad_out)
+    assert fwd.gemms == num_chunks
+    # recompute + dh + dW per chunk, minus the one whose input is frozen
+    assert bwd.gemms == num_chunks * (2 if frozen != "none" else 3)
+    assert fwd.syncs == [] and bwd.syncs == []
+
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    if frozen == "weight":
+        assert w.grad is None
+    else:
+        assert rel_err(w.grad, ref_dw) <= 1e-4
+    if frozen == "hidden":
+        assert h.grad is None
+    else:
+        assert rel_err(h.grad, ref_dh) <= 1e-4
+
+
+def test_weight_gradient_accumulated_exactly_once():
+    hidden, weight, labels, grad_out = make_inputs(19, 24, 8)
+    _, _, ref_dw = reference(hidden, weight, labels, grad_out)
+    w = weight.clone().requires_grad_()
+    loss = linear_cross_entropy(hidden.clone().requires_grad_(), w, labels, 3)
+    loss.backward(grad_out, retain_graph=True)
+    assert rel_err(w.grad, ref_dw) <= 1e-4
+    loss.backward(grad_out)
+    assert rel_err(w.grad, 2 * ref_dw) <= 1e-4
+
+
+def _bad(hidden=(4, 2), weight=(5, 2), labels=(4,), num_chunks=1, hidden_dtype=torch.float32,
+         weight_dtype=torch.float32, labels_dtype=torch.long):
+    """Arguments that are valid except where overridden."""
+    return (torch.zeros(hidden, dtype=hidden_dtype), torch.zeros(weight, dtype=weight_dtype),
+            torch.zeros(labels, dtype=labels_dtype), num_chunks)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (_bad(hidden=(4, 3, 2)), "hidden"),
+        (_bad(hidden_dtype=torch.long), "hidden"),
+        (_bad(weight=(5, 3)), "weight"),
+        (_bad(weight=(5,)), "weight"),
+        (_bad(weight_dtype=torch.float64), "weight"),
+        (_bad(labels=(3,)), "labels"),
+        (_bad(labels=(4, 1)), "labels"),
+        (_bad(labels_dtype=torch.float32), "labels"),
+        (_bad(num_chunks=0), "num_chunks"),
+        (_bad(num_chunks=5), "num_chunks"),
+        (_bad(num_chunks=2.0), "num_chunks"),
+        (_bad(num_chunks=True), "num_chunks"),
+    ],
+)
+def test_input_checks_name_the_argument(args, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_cross_entropy(*args)
+
+
+def peak_extra_bytes(fn, *inputs):
+    """Peak tracked tensor bytes while running ``fn()`` (forward + backward), above ``inputs``."""
+    tracker = MemTracker()
+    tracker.track_external(*inputs)
+    baseline = sum(t.untyped_storage().nbytes() for t in inputs)
+    with tracker:
+        fn()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    return peak - baseline
+
+
+def test_memory_peak_far_below_full_logits():
+    T, V, h, num_chunks = 512, 8192, 64, 16
+    hidden, weight, labels, grad_out = make_inputs(T, V, h)
+    full_logits_bytes = T * V * 4
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def mst():
+        linear_cross_entropy(hidden, weight, labels, num_chunks).backward(grad_out)
+
+    def full():
+        F.cross_entropy(hidden @ weight.t(), labels, reduction="none").backward(grad_out)
+
+    inputs = (hidden, weight, labels, grad_out)
+    mst_extra = peak_extra_bytes(mst, *inputs)
+    hidden.grad = weight.grad = None
+    ref_extra = peak_extra_bytes(full, *inputs)
+    print(
+        f"\nfull fp32 logits {full_logits_bytes / 2**20:.2f} MiB; peak above inputs: "
+        f"MST(M={num_chunks}) {mst_extra / 2**20:.2f} MiB, full-logits CE {ref_extra / 2**20:.2f} MiB"
+    )
+    # What MST may hold: dW (V*h fp32, an output), dh, one chunk of logits, per-token vectors.
+    assert mst_extra < 0.25 * full_logits_bytes
+    assert ref_extra > full_logits_bytes
+
+
+TP_T, TP_V, TP_H = 13, 40, 8
+TP_LABELS_PINNED = {0: 3, 1: 31, 2: 20, 3: 19}  # rank 0's shard, rank 1's shard, both shard edges
+
+
+def _tp_body(num_chunks_list):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hidden, weight, labels, grad_out = make_inputs(TP_T, TP_V, TP_H)  # same seed on every rank
+    for pos, label in TP_LABELS_PINNED.items():
+        labels[pos] = label
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+    v_local = TP_V // world
+    shard = slice(rank * v_local, (rank + 1) * v_local)
+    for num_chunks in num_chunks_list:
+        loss, dh, dw = run_op(hidden, weight[shard], labels, grad_out, num_chunks, dist.group.WORLD)
+        dist.all_reduce(dh)  # the caller's region function does this in the model
+        assert rel_err(loss, ref_loss) <= 1e-5, num_chunks
+        assert rel_err(dw, ref_dw[shard]) <= 1e-4, num_chunks
+        assert rel_err(dh, ref_dh) <= 1e-4, num_chunks
+
+
+def test_tensor_parallel_two_ranks():
+    run_on_ranks(_tp_body, 2, [1, 4, TP_T])
