@@ -1,0 +1,181 @@
+"""CPU compatibility layer: lets megatron-core 0.16.1's stock GPT training path run without CUDA.
+
+megatron-core assumes CUDA in a handful of places (device-side RNG, ``device="cuda"`` factories,
+``torch.cuda.current_device()`` buffers, ``torch.cuda.synchronize()``). This module bridges exactly
+those, and only when CUDA is absent: :func:`install` is a no-op on a machine with a GPU.
+
+Three bridges, each scoped to named megatron-core modules so user code and torch itself are never
+touched:
+
+1. ``torch`` seen by the modules in :data:`BRIDGED_MODULES` is :class:`_TorchOnCpu`, a proxy that
+   forwards everything to the real ``torch`` except that factories given a CUDA device (or
+   ``pin_memory=True``) build on the CPU, and ``torch.cuda``'s device, sync and RNG calls act on
+   the CPU (``current_device()`` is ``cpu``; the "device RNG" is the CPU default generator). Unlike
+   a ``TorchFunctionMode`` this is not thread-local, so recompute inside autograd's backward
+   thread sees it too.
+2. ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and write the CPU
+   generator, so megatron's RNG tracker, ``fork()`` and ``tensor_parallel.checkpoint`` (full and
+   selective recompute) restore the same random streams in recompute as in forward.
+3. ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied embedding with
+   ``weight.data.cuda()`` before its pipeline all-reduce; on CPU that move is the identity.
+4. ``optimizer.clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``;
+   the optimizer module gets the same scaling without that assertion.
+"""
+
+import contextlib
+import importlib
+import logging
+import types
+
+import torch
+
+# Each module, and the CUDA-only calls in it that the torch proxy bridges.
+BRIDGED_MODULES = {
+    "megatron.core.tensor_parallel.random": "torch.cuda.get_rng_state/manual_seed (RNG tracker add, seeding)",
+    "megatron.core.tensor_parallel.layers": "parameters allocated on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.mappings": "sequence-parallel all-gather/reduce-scatter output buffers",
+    "megatron.core.utils": "GlobalMemoryBuffer (sequence-parallel all-gather buffer) on current_device()",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "RoPE inv_freq moved to current_device()",
+    "megatron.core.transformer.utils": 'get_default_causal_mask allocates on device="cuda"',
+    "megatron.core.transformer.dot_product_attention": "attention buffers on current_device()",
+    "megatron.core.pipeline_parallel.schedules": 'total_num_tokens = torch.zeros(..., device="cuda")',
+    "megatron.core.pipeline_parallel.p2p_communication": "p2p receive buffers and torch.cuda.synchronize()",
+    "megatron.core.distributed.param_and_grad_buffer": "grad buffers on current_device()",
+    "megatron.core.distributed.distributed_data_parallel": "torch.cuda.Stream for overlapped comms",
+    "megatron.core.optimizer.optimizer": "found_inf flag on device='cuda'",
+    "megatron.core.optimizer.clip_grads": "grad-norm scratch tensors on device='cuda'",
+    "megatron.core.optimizer.distrib_optimizer": "shard buffers on current_device()",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "torch.cuda.synchronize() before writes",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save-verification flags on device='cuda'",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "async-save status flags on current_device()",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": "torch.cuda.synchronize() around exchanges",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict": "torch.cuda.synchronize()",
+}
+
+_FACTORIES = ("empty", "empty_like", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "as_tensor")
+_CPU = torch.device("cpu")
+_installed = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int):
+        return True  # a bare ordinal means a CUDA device to torch
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _factory_on_cpu(factory):
+    def build(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        kwargs.pop("pin_memory", None)  # pinning needs CUDA; it is only a transfer optimisation
+        return factory(*args, **kwargs)
+
+    build.__name__ = factory.__name__
+    return build
+
+
+class _CudaOnCpu(types.ModuleType):
+    """``torch.cuda`` as the bridged modules see it: device, sync and RNG calls act on the CPU."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        self.current_device = lambda: _CPU
+        self.synchronize = lambda *a, **k: None
+        self.empty_cache = lambda: None
+        self.get_rng_state = lambda *a, **k: torch.get_rng_state()
+        self.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+        self.manual_seed = torch.manual_seed
+        self.manual_seed_all = torch.manual_seed
+        self.Stream = lambda *a, **k: None
+        self.stream = lambda *a, **k: contextlib.nullcontext()
+        self.default_stream = lambda *a, **k: types.SimpleNamespace(wait_stream=lambda *a, **k: None)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` as the bridged modules see it (see the module docstring, bridge 1)."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCpu()
+        for name in _FACTORIES:
+            setattr(self, name, _factory_on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _get_device_rng_state(device="cuda", clone=False, graph_safe=False):
+    """Replaces ``tensor_parallel.random._get_cuda_rng_state``: the CPU generator is the device's."""
+    return torch.get_rng_state()
+
+
+def _set_device_rng_state(new_state, device=-1, graph_safe=False):
+    """Replaces ``tensor_parallel.random._set_cuda_rng_state``."""
+    torch.set_rng_state(new_state)
+
+
+class _DropCpuRngWarning(logging.Filter):
+    """``fork()`` warns when the CPU RNG changes inside a device-RNG context; here they are one."""
+
+    def filter(self, record):
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _bridge_setup_embeddings(language_module_cls):
+    original = language_module_cls.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self):
+        with _tensor_cuda_is_identity():
+            return original(self)
+
+    setup_embeddings_and_output_layer.__doc__ = original.__doc__
+    language_module_cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Replaces ``optimizer.clip_grad_by_total_norm_fp32``: same in-place scaling, any device."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def is_active() -> bool:
+    """True once the bridges are installed in this process."""
+    return _installed
+
+
+def install() -> bool:
+    """Install the bridges when CUDA is absent (idempotent). Returns whether they are active."""
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return _installed
+    proxy = _TorchOnCpu()
+    for name in BRIDGED_MODULES:
+        importlib.import_module(name).torch = proxy
+
+    from megatron.core.models.common.language_module import language_module
+    from megatron.core.optimizer import optimizer
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = _get_device_rng_state
+    tp_random._set_cuda_rng_state = _set_device_rng_state
+    logging.getLogger(tp_random.__name__).addFilter(_DropCpuRngWarning())
+    _bridge_setup_embeddings(language_module.LanguageModule)
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    _installed = True
+    return True

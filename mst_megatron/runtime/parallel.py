@@ -1,0 +1,111 @@
+"""Start and stop torch.distributed and megatron-core's model-parallel state, on GPU or CPU.
+
+Under ``torchrun`` the rank and world size come from its environment; with no such environment the
+process runs as a one-rank world. NCCL and one GPU per local rank when CUDA is present; gloo and the
+CPU compatibility layer (:mod:`mst_megatron.runtime.cpu_compat`) otherwise.
+"""
+
+import os
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mst_megatron.runtime import cpu_compat
+from mst_megatron.runtime.quiet import import_megatron_quietly
+
+
+def _check_sizes(world_size: int, tp: int, pp: int, cp: int, vpp: Optional[int]) -> None:
+    sizes = dict(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+    )
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp}) = {model_parallel}"
+        )
+    if vpp is not None:
+        if isinstance(vpp, bool) or not isinstance(vpp, int) or vpp < 1:
+            raise ValueError(f"virtual_pipeline_model_parallel_size must be None or an int >= 1, got {vpp!r}")
+        if pp == 1 and vpp > 1:
+            raise ValueError(
+                "virtual_pipeline_model_parallel_size > 1 needs pipeline_model_parallel_size > 1, "
+                f"got virtual {vpp} with pipeline_model_parallel_size 1"
+            )
+
+
+def _start_process_group() -> None:
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set: launch multi-rank jobs with torchrun")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    seed: int = 1234,
+) -> None:
+    """Start torch.distributed and megatron-core's parallel state; seed the model-parallel RNGs.
+
+    The world size must be divisible by TP x PP x CP; the remaining factor is data parallelism.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+    _check_sizes(
+        world_size,
+        tensor_model_parallel_size,
+        pipeline_model_parallel_size,
+        context_parallel_size,
+        virtual_pipeline_model_parallel_size,
+    )
+    import_megatron_quietly()
+    if not torch.cuda.is_available():
+        cpu_compat.install()
+    _start_process_group()
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core's parallel state and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
