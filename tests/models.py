@@ -40,12 +40,52 @@ def tiny_config(**overrides):
     return TransformerConfig(**kwargs)
 
 
-def stock_gpt(config, vocab_size=256, seq_length=32, tied=False, vp_stage=None):
+def stock_gpt(config, vocab_size=256, seq_length=32, tied=False, vp_stage=None, qk_layernorm=False):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core import parallel_state as ps
 
     return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            normalization=config.normalization, qk_layernorm=qk_layernorm
+        ),
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=tied,
+        position_embedding_type="rope",
+        vp_stage=vp_stage,
+    )
+
+
+def mst_gpt(config, mlp_mini_sequences="auto", vocab_size=256, seq_length=32, tied=False, vp_stage=None):
+    """``stock_gpt``'s model with the MST block spec (mini-sequence MLP, SP-aware norms, SDPA)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core import parallel_state as ps
+    from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_block_spec
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_mst_block_spec(config, mlp_mini_sequences, vp_stage=vp_stage),
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=tied,
+        position_embedding_type="rope",
+        vp_stage=vp_stage,
+    )
+
+
+def mst_head_gpt(config, lm_head_mini_sequences="auto", vocab_size=256, seq_length=32, tied=False, vp_stage=None):
+    """``stock_gpt``'s model (stock local spec) as an ``MSTGPTModel``: only the LM head differs."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core import parallel_state as ps
+    from mst_megatron import MSTGPTModel
+
+    return MSTGPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization=config.normalization),
         vocab_size=vocab_size,
@@ -55,4 +95,5 @@ def stock_gpt(config, vocab_size=256, seq_length=32, tied=False, vp_stage=None):
         share_embeddings_and_output_weights=tied,
         position_embedding_type="rope",
         vp_stage=vp_stage,
+        lm_head_mini_sequences=lm_head_mini_sequences,
     )

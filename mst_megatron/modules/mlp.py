@@ -1,0 +1,99 @@
+"""Mini-sequence MLP: megatron-core's ``MLP``, run over the sequence in chunks recomputed in backward.
+
+The MLP is per-token, so running fc1 -> activation -> fc2 on ``M`` slices of the sequence and
+concatenating is exact. :func:`mst_megatron.ops.mini_sequence.mini_sequence_apply` does the chunking
+and the per-chunk recompute (only one chunk's intermediates alive in forward and in backward); this
+module only decides ``M`` and hands it the stock ``MLP.forward``. Parameters, ``state_dict`` and
+``sharded_state_dict`` are the stock ones, so checkpoints move freely between the two.
+
+Under tensor parallelism each chunk runs the stock column -> row pair, so each chunk does the same
+collectives as the whole (under sequence parallelism: an all-gather and a reduce-scatter of a chunk of
+the local shard). Every rank of the group must therefore run the same ``M``: it is derived from the
+local sequence length, which is equal on all ranks of a TP/SP/CP group.
+"""
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mst_megatron.ops.chunking import AUTO, ChunkCount, resolve_chunk_count, validate_chunk_count
+from mst_megatron.ops.mini_sequence import mini_sequence_apply
+
+__all__ = ["MiniSequenceMLP"]
+
+PARAM = "mlp_mini_sequences"
+
+
+class MiniSequenceMLP(MLP):
+    """``MLP`` whose forward runs in ``mlp_mini_sequences`` chunks of the sequence (see module doc).
+
+    Args (besides ``MLP``'s):
+        mlp_mini_sequences: int >= 1, or ``"auto"``: chunks of about ``hidden_size`` tokens of the
+            sequence the MLP computes on (the local sequence, times the TP size under sequence
+            parallelism, since fc1 all-gathers it), i.e. ``ceil(s_local * sp / hidden_size)``. This
+            keeps one chunk's ``[tokens, ffn]`` intermediate about the size of an ``[s, h]``
+            activation, the rule of the MST paper's code. Either way the count is clamped to the
+            local length (one token per chunk at most), and ``1`` is the stock path.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: MLPSubmodules,
+        is_expert: bool = False,
+        input_size: Optional[int] = None,
+        ffn_hidden_size: Optional[int] = None,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        mlp_mini_sequences: ChunkCount = AUTO,
+    ):
+        _check_config(config, is_expert)
+        mlp_mini_sequences = validate_chunk_count(mlp_mini_sequences, PARAM)
+        super().__init__(
+            config,
+            submodules,
+            is_expert=is_expert,
+            input_size=input_size,
+            # TransformerLayer passes neither to an MLP subclass: the values it passes the stock MLP
+            # (its default process groups; a custom pg_collection needs tp_group in the spec).
+            ffn_hidden_size=config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size,
+            tp_group=parallel_state.get_tensor_model_parallel_group() if tp_group is None else tp_group,
+        )
+        self.mlp_mini_sequences = mlp_mini_sequences
+
+    def num_mini_sequences(self, local_length: int) -> int:
+        """Chunk count for a local sequence of ``local_length`` tokens (same on every TP/SP/CP rank)."""
+        computed_length = local_length * (self.tp_group.size() if self.config.sequence_parallel else 1)
+        count = resolve_chunk_count(
+            self.mlp_mini_sequences, PARAM, computed_length, auto_tokens_per_chunk=self.config.hidden_size
+        )
+        return min(count, local_length)
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
+        """``[s_local, b, h]`` -> ``(output [s_local, b, h], output_bias or None)``, like ``MLP``."""
+        num_chunks = self.num_mini_sequences(hidden_states.size(0))
+        if num_chunks == 1:
+            return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
+        if per_token_scale is not None:
+            raise ValueError(
+                f"per_token_scale (MoE expert scaling) cannot be used with {PARAM}={num_chunks}; "
+                f"set {PARAM}=1"
+            )
+        # Extra kwargs (e.g. padding_mask) are for MoE layers; the dense MLP ignores them.
+        return mini_sequence_apply(super().forward, hidden_states, num_chunks)
+
+
+def _check_config(config: TransformerConfig, is_expert: bool) -> None:
+    """Refuse the settings chunking cannot honour, naming them."""
+    if is_expert or config.num_moe_experts is not None:
+        raise ValueError(
+            f"MiniSequenceMLP is a dense MLP: num_moe_experts={config.num_moe_experts} (MoE layers) "
+            "is not supported by the MST layer spec; set num_moe_experts=None"
+        )
+    if config.tp_comm_overlap:
+        raise ValueError(
+            "tp_comm_overlap=True cannot be combined with MiniSequenceMLP: Transformer Engine's "
+            "overlap buffers are sized for the whole sequence; set tp_comm_overlap=False"
+        )

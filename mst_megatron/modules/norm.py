@@ -1,0 +1,55 @@
+"""RMSNorm and LayerNorm that work under sequence parallelism, for the MST layer spec.
+
+megatron-core's local spec builds ``WrappedTorchNorm``, which refuses ``sequence_parallel``. A norm is
+per-token, so under SP it is already correct on the local sequence shard; what SP needs is that each
+TP rank's weight gradient (from its own tokens only) be summed over the TP group. megatron's
+``finalize_model_grads`` does that for every parameter marked ``sequence_parallel=True``, the mark its
+own fused norms set. These classes are torch's norms with megatron's norm constructor and that mark, so
+the math, parameter names and state-dict keys are those of the stock local spec.
+"""
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+__all__ = ["RMSNorm", "LayerNorm", "NORMS"]
+
+
+def _check_config(config: TransformerConfig, normalization: str) -> None:
+    if config.normalization != normalization:
+        raise ValueError(
+            f"config.normalization is {config.normalization!r} but this layer spec was built with "
+            f"normalization={normalization!r}: build the spec with the config's normalization"
+        )
+    if config.layernorm_zero_centered_gamma:
+        raise ValueError(
+            "layernorm_zero_centered_gamma=True is not supported by the MST local norms "
+            "(torch's norms have no zero-centred weight); set it to False"
+        )
+
+
+def _mark_sequence_parallel(norm: torch.nn.Module, config: TransformerConfig) -> None:
+    """Tell ``finalize_model_grads`` to all-reduce these gradients over TP when SP is on."""
+    for param in norm.parameters():
+        setattr(param, "sequence_parallel", config.sequence_parallel)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` built like a megatron norm (``config, hidden_size, eps``), SP-aware."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        _check_config(config, "RMSNorm")
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        _mark_sequence_parallel(self, config)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` built like a megatron norm (``config, hidden_size, eps``), SP-aware."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        _check_config(config, "LayerNorm")
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        _mark_sequence_parallel(self, config)
+
+
+# ``normalization`` value (megatron's names) -> norm class
+NORMS = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}

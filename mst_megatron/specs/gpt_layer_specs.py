@@ -1,0 +1,122 @@
+"""GPT layer and block specs with mini-sequence MLPs, built from megatron-core's local modules.
+
+:func:`get_gpt_mst_layer_spec` is a drop-in for megatron-core's ``get_gpt_layer_local_spec()``: the
+same ``TransformerLayer`` with the same parameter names (a stock model's ``state_dict`` loads with
+``strict=True``), with three modules swapped:
+
+* the MLP for :class:`~mst_megatron.modules.mlp.MiniSequenceMLP` (the point of MST);
+* the norms for :mod:`mst_megatron.modules.norm` ones, which allow sequence parallelism (the stock
+  local norm refuses it);
+* the core attention for :class:`~mst_megatron.modules.attention.SDPAttention`, which never builds
+  the ``[b, heads, s, s]`` scores that would otherwise dominate memory at long sequence lengths.
+
+A layer spec does not reach the block's final norm (``TransformerBlock`` builds megatron's default
+norm for it, which refuses sequence parallelism): :func:`get_gpt_mst_block_spec` returns the block
+spec with both, and is what to pass to ``GPTModel`` when ``sequence_parallel=True``.
+"""
+
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from mst_megatron.modules.attention import SDPAttention
+from mst_megatron.modules.mlp import MiniSequenceMLP
+from mst_megatron.modules.norm import NORMS
+from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
+
+__all__ = ["get_gpt_mst_layer_spec", "get_gpt_mst_block_spec"]
+
+BACKENDS = ("local",)
+
+
+def get_gpt_mst_layer_spec(
+    mlp_mini_sequences: ChunkCount = AUTO,
+    normalization: str = "RMSNorm",
+    qk_layernorm: bool = False,
+    backend: str = "local",
+) -> ModuleSpec:
+    """``TransformerLayer`` spec: local linears, SP-aware norms, SDPA core attention, chunked MLP.
+
+    Args:
+        mlp_mini_sequences: chunks per MLP call, an int >= 1 or ``"auto"`` (see
+            :class:`~mst_megatron.modules.mlp.MiniSequenceMLP`); 1 is the stock MLP computation.
+        normalization: ``"RMSNorm"`` or ``"LayerNorm"``; must match ``config.normalization``.
+        qk_layernorm: normalise queries and keys per head (same norm type), as the local spec does.
+        backend: ``"local"`` (megatron-core's own linears). A Transformer Engine backend would need
+            its fused norm+fc1 kept inside each chunk; it is not implemented yet.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    mlp_mini_sequences = validate_chunk_count(mlp_mini_sequences, "mlp_mini_sequences")
+    norm = _norm(normalization)
+    linears = LocalSpecProvider()
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=linears.column_parallel_linear(),
+                    core_attention=SDPAttention,
+                    linear_proj=linears.row_parallel_linear(),
+                    q_layernorm=norm if qk_layernorm else IdentityOp,
+                    k_layernorm=norm if qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(
+                module=MiniSequenceMLP,
+                # TransformerLayer gives an MLP subclass only `config`: the rest travels here.
+                params={"mlp_mini_sequences": mlp_mini_sequences},
+                submodules=MLPSubmodules(
+                    linear_fc1=linears.column_parallel_linear(),
+                    linear_fc2=linears.row_parallel_linear(),
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            # Same sharded-checkpoint keys as the local spec (which maps to TE's fused names).
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def get_gpt_mst_block_spec(
+    config: TransformerConfig,
+    mlp_mini_sequences: ChunkCount = AUTO,
+    normalization: Optional[str] = None,
+    qk_layernorm: Optional[bool] = None,
+    backend: str = "local",
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+) -> TransformerBlockSubmodules:
+    """``TransformerBlock`` spec: this stage's MST layers plus an SP-aware final norm.
+
+    ``normalization`` and ``qk_layernorm`` default to the config's. ``vp_stage``/``pp_rank`` select the
+    pipeline stage as in megatron's ``get_gpt_decoder_block_spec``.
+    """
+    normalization = config.normalization if normalization is None else normalization
+    qk_layernorm = config.qk_layernorm if qk_layernorm is None else qk_layernorm
+    layer = get_gpt_mst_layer_spec(mlp_mini_sequences, normalization, qk_layernorm, backend)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_norm(normalization))
+
+
+def _norm(normalization: str) -> type:
+    if normalization not in NORMS:
+        raise ValueError(f"normalization must be one of {tuple(NORMS)}, got {normalization!r}")
+    return NORMS[normalization]

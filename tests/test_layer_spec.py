@@ -1,0 +1,339 @@
+"""The MST layer spec against megatron-core's local spec: state dicts, exactness through megatron's
+schedule (TP=1 in process; TP=2, TP=2+SP, PP=2 and recompute on two gloo ranks), bf16, errors.
+
+Exactness: the stock ``GPTModel`` (``get_gpt_layer_local_spec()``) and the MST one are built from one
+config, the stock ``state_dict()`` is loaded into the MST model with ``strict=True``, and one global
+batch goes through megatron's schedule. fp32 tolerances: loss relative error <= 1e-5, every parameter
+gradient within 1e-4 of the reference's max abs. The two differ only by float rounding (SDPA vs the
+stock softmax attention, chunk-sized GEMMs), which these bounds hold with two orders of margin.
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import mst_megatron
+from tests.models import mst_gpt, stock_gpt, tiny_config
+from tests.multirank import run_on_ranks
+from tests.training import fixed_batches, forward_backward
+
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
+CHUNK_COUNTS = (1, 2, 3, 8, "S")  # "S": one token per chunk
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank():
+    mst_megatron.init_parallel()
+    yield
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()  # keep the process group for other modules
+
+
+# ---------------------------------------------------------------- comparison machinery (also run on ranks)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP, Float16Module
+        model = model.module
+    return model
+
+
+def _grads(chunks):
+    out = {}
+    for i, chunk in enumerate(chunks):
+        for name, p in _unwrap(chunk).named_parameters():
+            out[f"{i}.{name}"] = getattr(p, "main_grad", p.grad)
+    return out
+
+
+def _grad_error(got, ref):
+    """max over parameters of max|g - r| / max|r|."""
+    assert got.keys() == ref.keys()
+    worst = 0.0
+    for name, r in ref.items():
+        g = got[name]
+        assert r is not None and g is not None, f"{name}: missing gradient"
+        r, g = r.double(), g.double()
+        worst = max(worst, ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+def _fc1_call_counter(chunks):
+    calls = [0]
+    for chunk in chunks:
+        for module in _unwrap(chunk).modules():
+            if isinstance(module, mst_megatron.MiniSequenceMLP):
+                module.linear_fc1.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _expected_fc1_calls(config, m, seq_length, num_microbatches, chunks):
+    """Per layer and micro-batch: M chunks in forward, M more when backward recomputes them (M > 1),
+    M more in megatron's recompute of the layer or MLP. M from the documented rule."""
+    from megatron.core import parallel_state as ps
+
+    sp = ps.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
+    # "auto": chunks of about hidden_size tokens of the sequence the MLP sees (SP-gathered)
+    m = min(math.ceil(seq_length / config.hidden_size) if m == "auto" else m, seq_length // sp)
+    layers = sum(len(_unwrap(c).decoder.layers) for c in chunks)
+    if config.recompute_granularity == "selective" and "mlp" in config.recompute_modules:
+        recomputed = layers
+    elif config.recompute_granularity == "full" and config.recompute_method == "uniform":
+        recomputed = layers
+    elif config.recompute_granularity == "full":  # block: the first recompute_num_layers per chunk
+        recomputed = len(chunks) * min(config.recompute_num_layers, layers)
+    else:
+        recomputed = 0
+    return num_microbatches * (layers * (1 if m == 1 else 2 * m) + recomputed * m)
+
+
+def _wrap_ddp(chunks, config):
+    """megatron's DDP + finalize_model_grads: what all-reduces SP norm gradients over TP."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+    return [DistributedDataParallel(config, DistributedDataParallelConfig(), c) for c in chunks]
+
+
+def compare(case, m, seq_length, micro_batch_size, num_microbatches=1, ref=None, mst=None, ddp=False):
+    """Stock model (``tiny_config(**ref)``) vs MST model (``tiny_config(**mst)``, ``m`` mini-sequences,
+    "S" for one token each) loaded with the stock weights, one batch through megatron's schedule."""
+    ref_config, mst_config = tiny_config(**(ref or {})), tiny_config(**(mst or {}))
+    tokens, labels = fixed_batches(num_microbatches, micro_batch_size, seq_length, 256, seed=seq_length)
+    torch.manual_seed(0)
+    ref_chunks = [stock_gpt(ref_config, seq_length=seq_length, qk_layernorm=ref_config.qk_layernorm)]
+    m = seq_length if m == "S" else m
+    mst_chunks = [mst_gpt(mst_config, m, seq_length=seq_length)]
+    mst_chunks[0].load_state_dict(ref_chunks[0].state_dict(), strict=True)
+    if ddp:
+        mst_chunks = _wrap_ddp(mst_chunks, mst_config)
+    calls = _fc1_call_counter(mst_chunks)
+    ref_loss = forward_backward(ref_chunks, tokens, labels)
+    mst_loss = forward_backward(mst_chunks, tokens, labels)
+    result = {
+        "case": case,
+        "grad_err": _grad_error(_grads(mst_chunks), _grads(ref_chunks)),
+        "fc1_calls": calls[0],
+        "fc1_expected": _expected_fc1_calls(mst_config, m, seq_length, num_microbatches, mst_chunks),
+    }
+    if ref_loss is not None:
+        result["loss_err"] = abs(mst_loss - ref_loss) / abs(ref_loss)
+    return result
+
+
+def _check(results):
+    for r in results:
+        assert r["grad_err"] <= GRAD_TOL, r
+        assert r.get("loss_err", 0.0) <= LOSS_TOL, r
+        assert r["fc1_calls"] == r["fc1_expected"], r
+
+
+def _sweep(seqs, microbatch_sizes=(2,)):
+    return [(s, m, b) for s in seqs for m in CHUNK_COUNTS for b in microbatch_sizes]
+
+
+# ---------------------------------------------------------------- two ranks
+
+SP = dict(sequence_parallel=True)
+RECOMPUTE = {
+    "full-uniform": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
+    # megatron 0.16.1's "layernorm" recompute needs Transformer Engine (FP8GlobalStateManager)
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
+}
+# parallelism -> [(case name, compare kwargs)]. S=26 under SP: 13 local tokens, no M > 1 divides it.
+# SP cannot run with the stock local spec (its norm refuses it) and must not change the math, so the
+# SP reference is stock TP=2 without SP, same weights.
+TWO_RANK_CASES = {
+    "tp2": (
+        [(f"tp2-S{s}-M{m}-b{b}", dict(m=m, seq_length=s, micro_batch_size=b))
+         for s, m, b in _sweep((24, 26)) + [(26, 3, 1), (26, "S", 1)]]
+        + [(f"tp2sp-S{s}-M{m}-b{b}", dict(m=m, seq_length=s, micro_batch_size=b, mst=SP, ddp=True))
+           for s, m, b in _sweep((24, 26)) + [(26, 3, 1)]]
+        # auto under SP: the local shard is 100 tokens but fc1 sees 200: ceil(200 / 64) = 4 chunks
+        + [("tp2sp-auto-S200-b1", dict(m="auto", seq_length=200, micro_batch_size=1, mst=SP, ddp=True))]
+        + [(f"tp2sp-{name}-S26-M3-b2",
+            dict(m=3, seq_length=26, micro_batch_size=2, num_microbatches=2, mst={**SP, **kw}, ddp=True))
+           for name, kw in RECOMPUTE.items()]
+    ),
+    "pp2": (
+        [(f"pp2-S{s}-M{m}-b{b}", dict(m=m, seq_length=s, micro_batch_size=b, num_microbatches=2))
+         for s, m, b in _sweep((24, 25)) + [(25, 3, 1), (25, 8, 1)]]
+        + [(f"pp2-{name}-S25-M8-b2", dict(m=8, seq_length=25, micro_batch_size=2, num_microbatches=3, mst=kw))
+           for name, kw in RECOMPUTE.items()]
+    ),
+}
+PARALLELISM = {"tp2": dict(tensor_model_parallel_size=2), "pp2": dict(pipeline_model_parallel_size=2)}
+
+
+def two_rank_body(out_dir):
+    """Every two-rank case on one pair of ranks (spawning ranks costs ~10 s each)."""
+    from megatron.core import parallel_state as ps
+
+    results = []
+    for parallelism, cases in TWO_RANK_CASES.items():
+        mst_megatron.init_parallel(**PARALLELISM[parallelism])
+        results += [compare(name, **kwargs) for name, kwargs in cases]
+        ps.destroy_model_parallel()
+    with open(os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_rank")
+    run_on_ranks(two_rank_body, 2, str(out), timeout=240)
+    by_case = {}
+    for rank in (0, 1):
+        with open(out / f"rank{rank}.json") as f:
+            for r in json.load(f):
+                by_case.setdefault(r["case"], []).append(r)
+    return by_case
+
+
+@pytest.mark.parametrize("case", [name for cases in TWO_RANK_CASES.values() for name, _ in cases])
+def test_two_ranks_exact(two_rank_results, case):
+    results = two_rank_results[case]
+    assert len(results) == 2  # both ranks ran it
+    assert any("loss_err" in r for r in results)  # the last stage saw the loss
+    _check(results)
+
+
+# ---------------------------------------------------------------- one rank, in process
+
+
+@pytest.mark.parametrize("s,m,b", _sweep((24, 25), (1, 2)))
+def test_exact_tp1(s, m, b):
+    _check([compare("tp1", m, s, b, num_microbatches=2)])
+
+
+def test_exact_tp1_layernorm_gelu_bias_qk_norm():
+    """Plain (non-gated) GeLU MLP with biases, LayerNorm, qk-layernorm, full recompute."""
+    import torch.nn.functional as F
+
+    kw = dict(normalization="LayerNorm", gated_linear_unit=False, activation_func=F.gelu,
+              add_bias_linear=True, qk_layernorm=True)
+    _check([compare("tp1-ln", 3, 25, 2, ref=kw, mst={**kw, **RECOMPUTE["full-uniform"]})])
+
+
+@pytest.mark.parametrize("m", [1, 8, "S"])
+def test_bf16_tp1(m):
+    """bf16 through megatron's Float16Module, S=60, against the stock model in fp32 (the truth) and
+    in bf16. Tolerance: the MST loss within 1e-4 of the stock bf16 loss (relative; the loss itself
+    is computed in fp32 from bf16 logits); every MST gradient no further from the fp32 gradient than
+    twice the stock bf16 gradient's error plus one bf16 unit roundoff (2^-8) of the gradient's max:
+    the only extra rounding is the sum over M chunks of each weight gradient, accumulated in bf16."""
+    from megatron.core.transformer.module import Float16Module
+
+    s = 60
+    fp32, bf16 = tiny_config(), tiny_config(bf16=True)
+    tokens, labels = fixed_batches(2, 2, s, 256)
+    torch.manual_seed(0)
+    truth = stock_gpt(fp32, seq_length=s)
+    stock16 = stock_gpt(fp32, seq_length=s)
+    mst16 = mst_gpt(fp32, s if m == "S" else m, seq_length=s)
+    for model in (stock16, mst16):
+        model.load_state_dict(truth.state_dict(), strict=True)
+    stock16, mst16 = Float16Module(bf16, stock16), Float16Module(bf16, mst16)
+    losses = [forward_backward([model], tokens, labels) for model in (truth, stock16, mst16)]
+    assert abs(losses[2] - losses[1]) / abs(losses[0]) <= 1e-4, losses
+    g32, g_stock, g_mst = _grads([truth]), _grads([stock16]), _grads([mst16])
+    for name, ref in g32.items():
+        assert g_mst[name].dtype == torch.bfloat16
+        stock_err = _grad_error({name: g_stock[name]}, {name: ref})
+        assert _grad_error({name: g_mst[name]}, {name: ref}) <= 2 * stock_err + 2**-8, name
+
+
+@pytest.mark.parametrize("normalization,qk_layernorm", [("RMSNorm", False), ("LayerNorm", True)])
+def test_state_dicts_match_local_spec(normalization, qk_layernorm):
+    from megatron.core import parallel_state as ps
+
+    config = tiny_config(normalization=normalization, qk_layernorm=qk_layernorm, add_bias_linear=True)
+    stock = stock_gpt(config, qk_layernorm=qk_layernorm)
+    mst = mst_gpt(config)
+    sd_stock, sd_mst = stock.state_dict(), mst.state_dict()
+    assert sd_stock.keys() == sd_mst.keys()
+    assert all(getattr(sd_stock[k], "shape", None) == getattr(sd_mst[k], "shape", None) for k in sd_stock)
+    mst.load_state_dict(sd_stock, strict=True)
+    metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    sh_stock, sh_mst = stock.sharded_state_dict(metadata=metadata), mst.sharded_state_dict(metadata=metadata)
+    assert sh_stock.keys() == sh_mst.keys()
+    for k, v in sh_stock.items():
+        w = sh_mst[k]
+        assert type(v) is type(w) and v.key == w.key, k
+        assert getattr(v, "global_shape", None) == getattr(w, "global_shape", None), k
+
+
+def test_spec_uses_mst_modules():
+    from mst_megatron.modules.attention import SDPAttention
+    from mst_megatron.modules.norm import LayerNorm, RMSNorm
+    from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_layer_spec
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    model = mst_gpt(tiny_config(), 4)
+    layer = model.decoder.layers[0]
+    assert type(layer.mlp) is mst_megatron.MiniSequenceMLP and layer.mlp.mlp_mini_sequences == 4
+    assert type(layer.self_attention.core_attention) is SDPAttention
+    norms = (layer.input_layernorm, layer.pre_mlp_layernorm, model.decoder.final_layernorm)
+    assert all(type(n) is RMSNorm for n in norms)
+    # A bare layer spec works in a TransformerBlock too (the block then builds megatron's final norm).
+    config = tiny_config(normalization="LayerNorm")
+    block = TransformerBlock(config, get_gpt_mst_layer_spec(2, normalization="LayerNorm"))
+    assert type(block.layers[1].pre_mlp_layernorm) is LayerNorm
+    out = block(torch.randn(10, 2, 64), attention_mask=None)
+    assert out.shape == (10, 2, 64)
+
+
+def test_norms():
+    from mst_megatron.modules.norm import LayerNorm, RMSNorm
+
+    for cls, ref_cls in ((RMSNorm, torch.nn.RMSNorm), (LayerNorm, torch.nn.LayerNorm)):
+        normalization = cls.__name__
+        for sp in (False, True):
+            # (a config, not a model: TP=2 only satisfies the config's SP check)
+            config = tiny_config(
+                normalization=normalization, sequence_parallel=sp, tensor_model_parallel_size=2
+            )
+            norm = cls(config, 64, eps=1e-6)
+            assert all(p.sequence_parallel is sp for p in norm.parameters())
+            ref = ref_cls(64, eps=1e-6)
+            ref.load_state_dict(norm.state_dict(), strict=True)
+            x = torch.randn(5, 2, 64)
+            assert torch.equal(norm(x), ref(x))
+        other = "LayerNorm" if normalization == "RMSNorm" else "RMSNorm"
+        with pytest.raises(ValueError, match="normalization"):
+            cls(tiny_config(normalization=other), 64)
+        with pytest.raises(ValueError, match="layernorm_zero_centered_gamma"):
+            cls(tiny_config(normalization=normalization, layernorm_zero_centered_gamma=True), 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(backend="te"), "backend"),
+        (dict(normalization="L2Norm"), "normalization"),
+        (dict(mlp_mini_sequences=0), "mlp_mini_sequences"),
+        (dict(mlp_mini_sequences=2.0), "mlp_mini_sequences"),
+        (dict(mlp_mini_sequences=None), "mlp_mini_sequences"),
+        (dict(mlp_mini_sequences="all"), "mlp_mini_sequences"),
+    ],
+)
+def test_spec_errors(kwargs, match):
+    from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_layer_spec
+
+    with pytest.raises(ValueError, match=match):
+        get_gpt_mst_layer_spec(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [(dict(tp_comm_overlap=True), "tp_comm_overlap"), (dict(num_moe_experts=4), "num_moe_experts")],
+)
+def test_model_refuses_unsupported_configs(override, match):
+    with pytest.raises(ValueError, match=match):
+        mst_gpt(tiny_config(**override))
