@@ -1,0 +1,67 @@
+"""``MSTGPTModel``: megatron-core's ``GPTModel`` whose training loss never materialises the logits.
+
+The model, its parameters and checkpoints are the stock ones; only the output layer is promoted to
+:class:`~mst_megatron.modules.lm_head.MiniSequenceLMHead`, and ``_postprocess`` hands it the labels so
+that it computes the per-token loss in mini-sequences. Anything that needs the logits themselves
+(no labels, inference, multi-token prediction, the config logger's logits dump) takes the stock path.
+"""
+
+from megatron.core.config_logger import has_config_logger_enabled
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mst_megatron.modules.lm_head import MiniSequenceLMHead, check_head_options
+from mst_megatron.ops.chunking import AUTO, ChunkCount
+
+__all__ = ["MSTGPTModel"]
+
+
+class MSTGPTModel(GPTModel):
+    """``GPTModel`` with a mini-sequence LM head + vocab-parallel cross-entropy.
+
+    Args: those of ``GPTModel``, plus
+        lm_head_mini_sequences: int >= 1, or ``"auto"`` (default): ``ceil(vocab_size / hidden_size)``
+            chunks, so one chunk of logits ``[s*b/M, V/TP]`` is about the size of the hidden state.
+            Derived from global shapes (the same on every TP/SP/CP rank), clamped to the token count.
+
+    ``forward`` keeps the stock contract. With ``labels`` ``[b, s]``: the per-token loss ``[b, s]`` in
+    fp32, computed chunk by chunk from the vocab-parallel logits (``runtime_gather_output`` and
+    ``parallel_output=False`` do not apply to it: gathered logits would add log(TP) to the loss).
+    Without labels: the stock logits.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec,
+        vocab_size: int,
+        max_sequence_length: int,
+        *args,
+        lm_head_mini_sequences: ChunkCount = AUTO,
+        **kwargs,
+    ) -> None:
+        # Checked before anything is built, on every pipeline stage alike.
+        lm_head_mini_sequences = check_head_options(config, lm_head_mini_sequences)
+        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, *args, **kwargs)
+        if self.post_process:
+            MiniSequenceLMHead.adopt(self.output_layer, lm_head_mini_sequences)
+
+    def _loss_in_head(self, labels, inference_context) -> bool:
+        """Whether this forward's loss is computed by the mini-sequence head (else: stock path)."""
+        return (
+            labels is not None
+            and self.post_process
+            and self.config.mtp_num_layers is None  # multi-token prediction: stock branch
+            and not (inference_context is not None and not self.training)  # stock's inference mode
+            and not has_config_logger_enabled(self.config)  # it dumps the logits
+        )
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        """The stock ``_postprocess``, except that with labels the head returns the loss directly."""
+        if not self._loss_in_head(labels, kwargs.get("inference_context")):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        output_weight = None
+        if self.share_embeddings_and_output_weights:
+            output_weight = self.shared_embedding_or_output_weight()
+        loss, _ = self.output_layer(hidden_states, weight=output_weight, labels=labels)
+        return loss

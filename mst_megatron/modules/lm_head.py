@@ -1,0 +1,152 @@
+"""Mini-sequence LM head: megatron's output ``ColumnParallelLinear`` that, given labels, returns the
+per-token loss without ever holding the logits.
+
+Stock ``GPTModel`` computes ``[s, b, V/TP]`` logits and then the vocab-parallel cross-entropy (which
+keeps an fp32 softmax of the same size). With labels, this head instead runs
+:func:`mst_megatron.ops.linear_cross_entropy.linear_cross_entropy`: one chunk of logits
+``[T/M, V/TP]`` alive at a time in forward and in backward (backward recomputes each chunk: one extra
+logits GEMM). Without labels it is the stock layer, bit for bit.
+
+The chunk loop runs inside this module's ``forward`` so that megatron DDP's overlapped parameter
+all-gather, which waits in a forward pre-hook of the module that owns the weight, has finished before
+the first chunk. It is the stock layer object promoted to this class (:meth:`MiniSequenceLMHead.adopt`),
+so parameters, their attributes (tied-embedding and DDP marks), ``state_dict`` and
+``sharded_state_dict`` keys are the stock ones.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
+from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
+
+__all__ = ["MiniSequenceLMHead", "check_head_options"]
+
+PARAM = "lm_head_mini_sequences"
+
+
+def check_head_options(config: TransformerConfig, mini_sequences: ChunkCount) -> ChunkCount:
+    """Validate ``lm_head_mini_sequences`` and the config for the mini-sequence head; return the count."""
+    mini_sequences = validate_chunk_count(mini_sequences, PARAM)
+    if config.defer_embedding_wgrad_compute:
+        raise ValueError(
+            "config.defer_embedding_wgrad_compute=True keeps every micro-batch's full logits gradient "
+            "for a deferred weight-gradient GEMM, which the mini-sequence LM head exists to avoid; "
+            "set defer_embedding_wgrad_compute=False"
+        )
+    return mini_sequences
+
+
+class MiniSequenceLMHead(ColumnParallelLinear):
+    """``ColumnParallelLinear`` whose ``forward(..., labels=...)`` returns the per-token loss ``[b, s]``.
+
+    ``mini_sequences``: int >= 1, or ``"auto"``: ``ceil(vocab / hidden)`` chunks, so one chunk of
+    logits (``T/M x V``) is about the size of the hidden state (``T x h``). The count depends only on
+    global shapes (vocab, hidden, and the token count after the sequence-parallel gather), so every
+    rank of the TP group runs the same chunks; it is clamped to the token count.
+    """
+
+    mini_sequences: ChunkCount  # set by adopt()
+
+    @classmethod
+    def adopt(cls, layer: ColumnParallelLinear, mini_sequences: ChunkCount = AUTO) -> "MiniSequenceLMHead":
+        """Promote megatron's own output layer to this class in place and return it.
+
+        ``GPTModel.__init__`` builds the head itself; promoting that very object keeps its weight
+        (and every attribute megatron set on it) instead of rebuilding and re-wiring one.
+        """
+        if type(layer) is not ColumnParallelLinear:
+            raise TypeError(f"layer must be a megatron ColumnParallelLinear, got {type(layer).__name__}")
+        if layer.bias is not None:
+            raise ValueError("layer must have no bias (GPTModel builds its output layer with bias=False)")
+        mini_sequences = check_head_options(layer.config, mini_sequences)
+        layer.__class__ = cls
+        layer.mini_sequences = mini_sequences
+        return layer
+
+    def num_chunks(self, num_tokens: int) -> int:
+        """Mini-sequences for ``num_tokens`` tokens (every token of the TP group's sequence)."""
+        count = self.mini_sequences
+        if count == AUTO:
+            count = math.ceil(self.output_size / self.input_size)  # global vocab / hidden
+        return min(count, num_tokens)
+
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+        labels: Optional[torch.Tensor] = None,
+    ):
+        """Without ``labels``: the stock ``(logits, bias)``. With ``labels``: ``(loss [b, s] fp32, None)``.
+
+        On the loss path ``runtime_gather_output`` is ignored: the loss always comes from the
+        vocab-parallel logits (gathered logits would add log(TP) to it, megatron issue 7452).
+        """
+        if labels is None:
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        return self.per_token_loss(input_, labels, weight), None
+
+    def per_token_loss(
+        self, input_: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """input_ ``[s_local, b, h]`` (``s_local = s / TP`` under sequence parallelism), labels ``[b, s]``
+        global token ids in ``[0, vocab)``; returns the per-token loss ``[b, s]`` in fp32."""
+        weight = self._head_weight(weight)
+        self._check_labels(input_, labels)
+        # megatron's own region functions: their backward reduces the op's partial dh over TP
+        # (all-reduce), or reduce-scatters it back to the sequence shard under SP.
+        if self.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(input_, group=self.tp_group)
+        else:
+            hidden = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        s, b, h = hidden.shape
+        # Row i * b + j of the flattened [s, b] tokens is position i of sequence j: labels transposed.
+        loss = linear_cross_entropy(
+            hidden.reshape(s * b, h),
+            weight,
+            labels.t().reshape(s * b),
+            self.num_chunks(s * b),
+            tp_group=self.tp_group,
+        )
+        return loss.view(s, b).t().contiguous()
+
+    def _head_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """The weight to use: ``weight`` (tied embeddings) or the layer's own, as the stock forward."""
+        if weight is None:
+            if self.weight is None:
+                raise RuntimeError(
+                    "weight must be passed to the LM head: it has none of its own (tied embeddings)"
+                )
+            return self.weight
+        expected = (self.output_size_per_partition, self.input_size)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"weight must have shape {expected} (V/TP, h), got {tuple(weight.shape)}")
+        return weight
+
+    def _check_labels(self, input_: torch.Tensor, labels: torch.Tensor) -> None:
+        if input_.dim() != 3:
+            raise ValueError(f"input_ must be [s, b, h], got shape {tuple(input_.shape)}")
+        s_local, b, _ = input_.shape
+        s = s_local * (self.tp_group.size() if self.sequence_parallel else 1)
+        if tuple(labels.shape) != (b, s):
+            raise ValueError(
+                f"labels must have the shape of the input ids [b, s] = [{b}, {s}] (from the hidden "
+                f"state [s, b, h]), got {list(labels.shape)}"
+            )
+        # One host-side check per forward, not per chunk: the op would silently give an out-of-range
+        # label a target logit of 0 (as megatron's cross-entropy does), i.e. a wrong loss.
+        low, high = torch.stack(torch.aminmax(labels)).tolist()
+        if low < 0 or high >= self.output_size:
+            raise ValueError(
+                f"labels must be token ids in [0, {self.output_size}) (the vocab size), got values in "
+                f"[{low}, {high}]"
+            )
