@@ -12,6 +12,7 @@ from mst_megatron.runtime.parallel import destroy_parallel, init_parallel
 _LAZY = {
     "MiniSequenceMLP": "mst_megatron.modules.mlp",
     "get_gpt_mst_layer_spec": "mst_megatron.specs.gpt_layer_specs",
+    "get_gpt_mst_block_spec": "mst_megatron.specs.gpt_layer_specs",
     "MSTGPTModel": "mst_megatron.modules.gpt_model",
 }
 

@@ -8,10 +8,11 @@ and dominate memory long before the MLP does.
 
 Supported: causal and unmasked self-attention; grouped-query attention (SDPA's ``enable_gqa``, K/V not
 expanded, wherever the kernel SDPA picks supports it; otherwise K/V are expanded to the query heads,
-which costs memory linear in s rather than falling back to the quadratic math kernel); attention
-dropout drawn from the RNG stream ``DotProductAttention`` draws it from. Refused with a clear error: other mask types, packed sequences,
-attention bias, sliding windows, non-vanilla softmax and context parallelism (a later issue: it
-will wrap :meth:`SDPAttention._attend`, which sees one rank's queries and the keys it attends to).
+which costs memory linear in s rather than a fall-back to the quadratic math kernel); attention
+dropout drawn from the RNG stream ``DotProductAttention`` draws it from. Refused with a clear error:
+other mask types, packed sequences, attention bias, sliding windows, non-vanilla softmax and context
+parallelism (a later issue: it will wrap :meth:`SDPAttention._attend`, which sees one rank's queries
+and the keys they attend to).
 
 Memory caveat: torch's CPU flash kernel has no dropout, so with ``attention_dropout > 0`` on CPU SDPA
 falls back to its math kernel, which does materialise the scores (a warning says so once). GPU kernels
@@ -44,8 +45,8 @@ class SDPAttention(MegatronModule):
     """Memory-efficient core attention: ``[sq, b, np, hn]`` queries, ``[sk, b, ng, hn]`` keys and
     values -> ``[sq, b, np * hn]`` context, like ``DotProductAttention``.
 
-    With a causal mask type, ``attention_mask`` is ignored (the mask is implied, as in Transformer
-    Engine's attention): pass ``None`` or megatron's left-to-right causal mask.
+    ``attention_mask`` is ignored: the mask type implies the mask, as in Transformer Engine's attention
+    (pass ``None``, or for causal attention megatron's left-to-right causal mask).
     """
 
     def __init__(
@@ -140,7 +141,8 @@ class SDPAttention(MegatronModule):
 
 
 def _sdpa_backend(q, k, v, dropout_p: float, causal: bool, scale: float) -> int:
-    """The kernel SDPA would pick for grouped-query inputs (``SDPBackend`` value)."""
+    """The kernel SDPA would pick for grouped-query inputs (``SDPBackend`` value; torch's dispatcher
+    query, private but stable since torch 2.0)."""
     return torch._fused_sdp_choice(q, k, v, None, dropout_p, causal, scale=scale, enable_gqa=True)
 
 
