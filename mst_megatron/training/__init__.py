@@ -1,0 +1,14 @@
+"""Pretraining a GPT with MST on megatron-core: the reusable pieces behind ``examples/pretrain_gpt_mst.py``.
+
+- :mod:`.model_config`: model shapes from JSON files -> ``TransformerConfig``
+- :mod:`.arguments`: Megatron-LM-named command-line flags, checked before any work starts
+- :mod:`.corpus`: raw-text documents for ``tools/train_tokenizer.py`` and ``tools/preprocess_data.py``
+- :mod:`.data`: tokenizer, indexed-dataset blends and their checks, resumable batch order
+- :mod:`.checkpointing`: ``dist_checkpointing`` save/resume in Megatron-LM's directory layout
+- :mod:`.monitor`: per-step log lines, progress bar, TensorBoard
+- :mod:`.pretrain`: model provider, optimizer, scheduler and the train/eval loop
+"""
+
+
+class SetupError(ValueError):
+    """Bad input found before any work starts; the CLI prints it as one line and exits 2."""

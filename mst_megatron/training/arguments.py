@@ -1,0 +1,188 @@
+"""Command-line flags of the pretraining script, named as in Megatron-LM, and the checks on them.
+
+Everything here runs before torch.distributed starts, identically on every rank, so a bad flag
+stops all ranks with the same one-line :class:`~mst_megatron.training.SetupError` instead of a
+hang or a traceback from deep inside megatron-core.
+"""
+
+import argparse
+import os
+
+from mst_megatron.training import SetupError
+
+_SHAPE_OVERRIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                    "num_query_groups", "max_position_embeddings")
+
+
+def _chunk_count(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'auto', got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain a GPT with Mini-Sequence Transformers on megatron-core (launch with torchrun).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model-config", default="tiny",
+                   help="JSON model shape: a path, or a name from examples/configs (tiny, llama3-8b, ...)")
+    for name in _SHAPE_OVERRIDES:
+        g.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="override the model config")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("mini-sequence transformers")
+    g.add_argument("--mlp-mini-sequences", type=_chunk_count, default="auto",
+                   help="MLP chunks per sequence: an int or 'auto'")
+    g.add_argument("--lm-head-mini-sequences", type=_chunk_count, default="auto",
+                   help="LM-head + cross-entropy chunks per sequence: an int or 'auto'")
+    g.add_argument("--no-mst", action="store_true", help="stock megatron-core GPTModel and layer spec")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+    g = p.add_argument_group("batch and recompute")
+    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--train-iters", type=int, default=300)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=1e-4)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
+                   default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
+                   help="dataset prefixes (PREFIX.bin/.idx), optionally weighted: 'p1 p2' or 'w1 p1 w2 p2'")
+    g.add_argument("--split", default="98,2,0", help="train,valid,test shares of each dataset")
+    g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
+    g.add_argument("--data-cache-path", default=None, help="sample-index cache (default: next to the data)")
+
+    g = p.add_argument_group("evaluation, checkpoints, logging")
+    g.add_argument("--eval-interval", type=int, default=50)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--save", default=None, help="checkpoint root folder")
+    g.add_argument("--load", default=None, help="checkpoint root to resume from (fresh start if it has none)")
+    g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the latest")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (evaluate, save) after this much wall-clock time, setup included")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None, help="TensorBoard logs (needs tensorboard installed)")
+    return p
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SetupError(message)
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate flags against each other and torchrun's world size; fill derived fields.
+
+    Sets ``args.data_parallel_size``, ``args.num_microbatches``,
+    ``args.virtual_pipeline_model_parallel_size`` (see :func:`check_shape`) and ``args.lr_decay_iters``.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    positive = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                "seq_length", "micro_batch_size", "global_batch_size", "train_iters", "eval_iters",
+                "log_interval", "make_vocab_size_divisible_by")
+    for name in positive:
+        _require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("eval_interval", "save_interval", "num_layers_per_virtual_pipeline_stage", "recompute_num_layers"):
+        value = getattr(args, name)
+        _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _require(args.data_path is not None, "--data-path is required (see tools/preprocess_data.py)")
+    _require(args.tokenizer_model is not None, "--tokenizer-model is required (see tools/train_tokenizer.py)")
+
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    _require(cp == 1, f"--context-parallel-size {cp}: context parallelism is not supported yet; use 1")
+    _require(
+        world_size % (tp * pp * cp) == 0,
+        f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+        f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {tp * pp * cp}",
+    )
+    args.data_parallel_size = world_size // (tp * pp * cp)
+    per_step = args.micro_batch_size * args.data_parallel_size
+    _require(
+        args.global_batch_size % per_step == 0,
+        f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+        f"({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size}) = {per_step}",
+    )
+    args.num_microbatches = args.global_batch_size // per_step
+    if args.sequence_parallel:
+        _require(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
+        _require(args.seq_length % tp == 0,
+                 f"--sequence-parallel: --seq-length {args.seq_length} must be divisible by "
+                 f"--tensor-model-parallel-size {tp}")
+
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    _require(args.lr_warmup_iters < args.lr_decay_iters,
+             f"--lr-warmup-iters ({args.lr_warmup_iters}) must be < --lr-decay-iters ({args.lr_decay_iters})")
+    _require(0.0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
+    _require(args.save_interval is None or args.save is not None, "--save-interval needs --save")
+    _require(args.ckpt_step is None or args.load is not None, "--ckpt-step needs --load")
+    minutes = args.exit_duration_in_mins
+    _require(minutes is None or minutes > 0, f"--exit-duration-in-mins must be > 0, got {minutes}")
+    return args
+
+
+def check_shape(args: argparse.Namespace, shape) -> None:
+    """Checks that need the model shape: sequence length and the pipeline split of the layers."""
+    _require(
+        args.seq_length <= shape.max_position_embeddings,
+        f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+        f"({shape.max_position_embeddings}); raise --max-position-embeddings or lower --seq-length",
+    )
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    for name in ("num_attention_heads", "num_query_groups"):
+        _require(getattr(shape, name) % tp == 0,
+                 f"the model's {name} ({getattr(shape, name)}) is not divisible by --tensor-model-parallel-size {tp}")
+    _require(shape.num_layers % pp == 0,
+             f"the model's num_layers ({shape.num_layers}) is not divisible by --pipeline-model-parallel-size {pp}")
+    per_virtual = args.num_layers_per_virtual_pipeline_stage
+    if per_virtual is not None:
+        per_stage = shape.num_layers // pp
+        _require(per_stage % per_virtual == 0,
+                 f"--num-layers-per-virtual-pipeline-stage {per_virtual} does not divide the "
+                 f"{per_stage} layers of each pipeline stage")
+        chunks = per_stage // per_virtual
+        args.virtual_pipeline_model_parallel_size = chunks if chunks > 1 else None
+
+
+def shape_overrides(args: argparse.Namespace) -> dict:
+    """The model-shape flags given on the command line."""
+    return {name: getattr(args, name) for name in _SHAPE_OVERRIDES if getattr(args, name) is not None}

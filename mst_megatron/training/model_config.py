@@ -1,0 +1,166 @@
+"""Model shapes as JSON files, turned into a megatron-core ``TransformerConfig``.
+
+The architecture (layers, widths, heads, vocabulary, RoPE base, ...) lives in a small JSON file so
+that the same training script runs a tiny CPU model and the real Llama/Mistral/Qwen2 shapes. Every
+file describes a Llama-family decoder: pre-RMSNorm, SwiGLU MLP, RoPE, grouped-query attention, no
+linear biases except an optional QKV bias (Qwen2). How the model is *run* (parallelism, precision,
+recompute) is not in the file; it comes from the command line through :func:`transformer_config`.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mst_megatron.training import SetupError
+
+# key -> (type, required); ``vocab_size: null`` means "the tokenizer's vocabulary".
+_KEYS = {
+    "description": (str, False),
+    "num_layers": (int, True),
+    "hidden_size": (int, True),
+    "ffn_hidden_size": (int, True),
+    "num_attention_heads": (int, True),
+    "num_query_groups": (int, True),
+    "vocab_size": (int, True),
+    "max_position_embeddings": (int, True),
+    "rotary_base": (int, True),
+    "norm_epsilon": (float, True),
+    "share_embeddings_and_output_weights": (bool, True),
+    "add_qkv_bias": (bool, True),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """One model file's contents (see the module docstring for the implied architecture)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: Optional[int]
+    max_position_embeddings: int
+    rotary_base: int
+    norm_epsilon: float
+    share_embeddings_and_output_weights: bool
+    add_qkv_bias: bool
+    description: str = ""
+
+    def replace(self, **changes) -> "ModelShape":
+        """A copy with some fields changed (command-line overrides), validated again."""
+        fields = {**self.__dict__, **{k: v for k, v in changes.items() if v is not None}}
+        return _validated(fields, "overrides")
+
+    def parameter_count(self, vocab_size: int) -> int:
+        """Parameters of the whole model (all ranks together) with a ``vocab_size`` embedding."""
+        h, head_dim = self.hidden_size, self.hidden_size // self.num_attention_heads
+        qkv_out = h + 2 * self.num_query_groups * head_dim
+        layer = h * qkv_out + h * h + 3 * h * self.ffn_hidden_size + 2 * h
+        layer += qkv_out if self.add_qkv_bias else 0
+        embeddings = vocab_size * h * (1 if self.share_embeddings_and_output_weights else 2)
+        return self.num_layers * layer + embeddings + h
+
+    def architecture(self) -> dict:
+        """The fields that fix parameter shapes: what a checkpoint must match (RoPE base, norm
+        epsilon and max positions may change between runs, e.g. to extend the context)."""
+        return {k: getattr(self, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                              "num_query_groups", "vocab_size", "share_embeddings_and_output_weights",
+                                              "add_qkv_bias")}
+
+
+def _validated(raw: dict, source: str) -> ModelShape:
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        raise SetupError(f"{source}: unknown model config keys {unknown}; allowed: {sorted(_KEYS)}")
+    for key, (kind, required) in _KEYS.items():
+        if key not in raw:
+            if required:
+                raise SetupError(f"{source}: model config key {key!r} is missing")
+            continue
+        value = raw[key]
+        if key == "vocab_size" and value is None:
+            continue
+        allowed = (int, float) if kind is float else kind
+        if not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool)):
+            raise SetupError(f"{source}: model config {key!r} must be {kind.__name__}, got {value!r}")
+        if kind in (int, float) and not value > 0:
+            raise SetupError(f"{source}: model config {key!r} must be > 0, got {value!r}")
+    shape = ModelShape(**raw)
+    if shape.num_attention_heads % shape.num_query_groups:
+        raise SetupError(
+            f"{source}: num_attention_heads ({shape.num_attention_heads}) must be a multiple of "
+            f"num_query_groups ({shape.num_query_groups})"
+        )
+    if shape.hidden_size % shape.num_attention_heads:
+        raise SetupError(
+            f"{source}: hidden_size ({shape.hidden_size}) must be a multiple of "
+            f"num_attention_heads ({shape.num_attention_heads})"
+        )
+    return shape
+
+
+def load_model_shape(name_or_path: str, search_dir: Optional[str] = None) -> ModelShape:
+    """Read a model JSON file: a path, or a bare name looked up as ``<search_dir>/<name>.json``."""
+    path = name_or_path
+    if not os.path.isfile(path) and search_dir is not None:
+        path = os.path.join(search_dir, f"{name_or_path}.json")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(search_dir) if f.endswith(".json")) if search_dir else []
+        raise SetupError(f"--model-config {name_or_path!r}: no such file; known names: {known}")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SetupError(f"--model-config {path}: not valid JSON ({e})") from None
+    return _validated(raw, path)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Megatron-LM's padding: a multiple of ``divisible_by * TP`` so every TP shard is equal."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def transformer_config(shape: ModelShape, **run_options):
+    """``TransformerConfig`` for ``shape``; ``run_options`` are TransformerConfig fields that say how
+    it runs (parallel sizes, ``sequence_parallel``, ``bf16``, recompute settings, dropout, ...).
+
+    Fused kernels are off: they need Apex or Transformer Engine, which are optional here.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    bf16 = run_options.get("bf16", False)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kwargs = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        layernorm_epsilon=shape.norm_epsilon,
+        add_qkv_bias=shape.add_qkv_bias,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # no CUDA graphs; megatron's default ("full") warns as deprecated
+    )
+    kwargs.update(run_options)
+    try:
+        return TransformerConfig(**kwargs)
+    except (AssertionError, ValueError) as e:
+        raise SetupError(f"the model config and run options do not fit together: {e}") from None

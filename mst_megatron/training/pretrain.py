@@ -1,0 +1,446 @@
+"""GPT pretraining on megatron-core's own pieces, with MST switched on by default.
+
+``GPTModel``/``MSTGPTModel`` built from one model provider, wrapped in megatron-core's
+``DistributedDataParallel``; ``get_megatron_optimizer`` (Adam, optionally the distributed
+optimizer); ``OptimizerParamScheduler``; ``get_forward_backward_func`` for every micro-batch
+schedule (none, 1F1B, interleaved). Every input check runs before torch.distributed starts (see
+:mod:`.arguments`). SIGTERM asks for a checkpoint: the handler only sets a flag, the ranks agree on
+it with an all-reduce after each step, then save and leave cleanly.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from mst_megatron.runtime.parallel import destroy_parallel, init_parallel
+from mst_megatron.runtime.quiet import import_megatron_quietly
+from mst_megatron.training import SetupError, arguments, checkpointing, data, model_config
+from mst_megatron.training.monitor import Monitor, max_over_ranks, peak_memory_bytes
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: bool, post_process: bool,
+              vp_stage: Optional[int] = None):
+    """The model provider: one model chunk, stock megatron-core when ``mst`` is None.
+
+    ``mst`` holds ``mlp_mini_sequences`` and ``lm_head_mini_sequences``. Both models have the same
+    parameters and state-dict keys, so checkpoints move freely between them.
+    """
+    common = dict(
+        config=config,
+        vocab_size=vocab_size,
+        max_sequence_length=shape.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=shape.share_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=shape.rotary_base,
+        vp_stage=vp_stage,
+    )
+    if mst is None:
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        return GPTModel(transformer_layer_spec=get_gpt_layer_local_spec(normalization=config.normalization), **common)
+    from mst_megatron.modules.gpt_model import MSTGPTModel
+    from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_block_spec
+
+    block_spec = get_gpt_mst_block_spec(config, mst["mlp_mini_sequences"], vp_stage=vp_stage)
+    return MSTGPTModel(
+        transformer_layer_spec=block_spec, lm_head_mini_sequences=mst["lm_head_mini_sequences"], **common
+    )
+
+
+def build_model(config, shape, vocab_size: int, mst: Optional[dict], use_distributed_optimizer: bool) -> List:
+    """This rank's model chunks (several under virtual pipelining), in megatron-core DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = list(range(vpp)) if vpp else [None]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=config.bf16,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    chunks = []
+    for i, stage in enumerate(stages):
+        chunk = build_gpt(
+            config, shape, vocab_size, mst,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+        ).to(_device())
+        if config.bf16:
+            chunk = Float16Module(config, chunk)
+        # Buckets only for the first chunk, as in Megatron-LM: later chunks reduce in one go.
+        chunks.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0))
+    return chunks
+
+
+def build_optimizer(args, model: List):
+    """megatron-core Adam (distributed or not) and Megatron-LM's sample-based LR schedule."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    try:
+        optimizer = get_megatron_optimizer(config, model)
+    except TypeError as e:  # megatron-core checks param.type() against 'torch.cuda.*' names
+        if "torch.cuda" not in str(e):
+            raise
+        raise SetupError(
+            "--bf16 / --use-distributed-optimizer: megatron-core 0.16.1's mixed-precision and distributed "
+            f"optimizers accept only CUDA parameters, and this run has CPU ones ({e})"
+        ) from None
+    samples = args.global_batch_size  # the scheduler counts samples, one step = one global batch
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * samples,
+        lr_decay_steps=args.lr_decay_iters * samples,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * samples,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses over unmasked tokens, and their count (megatron then divides)."""
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(output_tensor.float().reshape(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    # megatron divides `loss` in place: report a copy of the sum, with the count beside it.
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach().clone(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    """megatron's ``forward_step_func``: one micro-batch through one model chunk."""
+    batch = {k: v.to(_device(), non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _mean_loss(losses: list) -> float:
+    """Token-weighted mean loss over the data-parallel ranks (meaningful on the last stage)."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2, dtype=torch.float64, device=_device())
+    for entry in losses:
+        total += entry["lm loss"].to(total)
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+class _StopRequests:
+    """Reasons to stop early: SIGTERM (the handler only sets a flag) or ``--exit-duration-in-mins``.
+
+    :meth:`agreed` is one all-reduce per step, so every rank stops after the same step.
+    """
+
+    _REASONS = (None, "--exit-duration-in-mins reached", "SIGTERM received")
+
+    def __init__(self, deadline: Optional[float]):
+        self.deadline = deadline
+        self.sigterm = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.sigterm = True
+
+    def agreed(self) -> Optional[str]:
+        code = 2 if self.sigterm else int(self.deadline is not None and time.time() > self.deadline)
+        flag = torch.tensor([code], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return self._REASONS[int(flag.item())]
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+class Trainer:
+    """The training loop's state: model chunks, optimizer, scheduler, data, counters."""
+
+    def __init__(self, args, model, optimizer, scheduler, train_ds, valid_ds, monitor, run_info, stop):
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
+        self.train_ds, self.valid_ds, self.monitor, self.run_info = train_ds, valid_ds, monitor, run_info
+        self.forward_backward = get_forward_backward_func()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.iteration = 0
+        self.last_saved = None
+        self.stop = stop
+
+    def _iterators(self, dataset, consumed_samples: int) -> list:
+        """One iterator per model chunk over the same batches (the interleaved schedule's contract)."""
+        a = self.args
+        return [data.micro_batches(dataset, consumed_samples, a.micro_batch_size, self.dp_rank, a.data_parallel_size)
+                for _ in self.model]
+
+    def _run(self, iterators: list, forward_only: bool) -> list:
+        a = self.args
+        return self.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iterators,
+            model=self.model,
+            num_microbatches=a.num_microbatches,
+            seq_length=a.seq_length,
+            micro_batch_size=a.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, iterators: list):
+        """One global batch: forward/backward, gradient reduction, optimizer and LR step."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run(iterators, forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=self.args.global_batch_size)
+        return _mean_loss(losses), grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Validation loss over the same ``--eval-iters`` global batches every time."""
+        if self.valid_ds is None:
+            return
+        for chunk in self.model:
+            chunk.eval()
+        iterators = self._iterators(self.valid_ds, 0)
+        losses = []
+        for _ in range(self.args.eval_iters):
+            losses += self._run(iterators, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        self.monitor.validation(self.iteration, _mean_loss(losses))
+
+    def save(self) -> None:
+        if self.args.save is None or self.last_saved == self.iteration:
+            return
+        path = checkpointing.save_checkpoint(
+            self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            self.iteration * self.args.global_batch_size, self.run_info,
+        )
+        self.last_saved = self.iteration
+        self.monitor.print(f"saved checkpoint {path}")
+
+    def load(self) -> None:
+        a = self.args
+        loaded = checkpointing.load_checkpoint(a.load, self.model, self.optimizer, self.scheduler, self.run_info,
+                                               a.ckpt_step)
+        if loaded is None:
+            self.monitor.print(f"--load {a.load}: no checkpoint yet, starting from scratch")
+            return
+        self.iteration, consumed = loaded
+        if consumed != self.iteration * a.global_batch_size:
+            raise SetupError(
+                f"--load {a.load}: the checkpoint consumed {consumed} samples in {self.iteration} steps; "
+                f"resume it with its --global-batch-size ({consumed // max(self.iteration, 1)})"
+            )
+        self.last_saved = self.iteration
+        self.monitor.print(f"resumed from {checkpointing.iteration_dir(a.load, self.iteration)}")
+
+    def train(self) -> None:
+        a = self.args
+        start = self.iteration
+        if start >= a.train_iters:
+            self.monitor.print(f"the checkpoint is at iteration {start} >= --train-iters {a.train_iters}: nothing to do")
+            return
+        if start == 0:
+            self.evaluate()
+        iterators = self._iterators(self.train_ds, start * a.global_batch_size)
+        window_loss, window_steps, window_s = 0.0, 0, 0.0  # since the last log line; steps only
+        while self.iteration < a.train_iters:
+            t0 = time.time()
+            loss, grad_norm = self.train_step(iterators)
+            window_s += time.time() - t0
+            self.iteration += 1
+            window_loss += loss
+            window_steps += 1
+            if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
+                step_s = window_s / window_steps
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.monitor.step(self.iteration, window_loss / window_steps, lr, grad_norm,
+                                  a.global_batch_size * a.seq_length / step_s, step_s,
+                                  max_over_ranks(peak_memory_bytes()))
+                window_loss, window_steps, window_s = 0.0, 0, 0.0
+            self.monitor.progress(self.iteration, start)
+            if a.eval_interval and self.iteration % a.eval_interval == 0:
+                self.evaluate()
+            if a.save_interval and self.iteration % a.save_interval == 0:
+                self.save()
+            reason = self.stop.agreed()
+            if reason:
+                self.monitor.print(f"{reason}: saving and stopping at iteration {self.iteration}")
+                self.save()
+                return
+        if not (a.eval_interval and self.iteration % a.eval_interval == 0):
+            self.evaluate()
+        self.save()
+
+
+def _vocab_size(shape, tokenizer, args) -> int:
+    tokens = tokenizer.vocab_size
+    if shape.vocab_size is not None and tokens > shape.vocab_size:
+        raise SetupError(
+            f"--tokenizer-model has {tokens} tokens, more than the model's vocab_size {shape.vocab_size}"
+        )
+    vocab = shape.vocab_size or tokens
+    return model_config.padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+
+
+def _transformer_config(args, shape):
+    cuda = torch.cuda.is_available()
+    return model_config.transformer_config(
+        shape,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        use_cpu_initialization=not cuda,
+        # gloo: batched isend/irecv can pair the wrong tensors under interleaving; use single ops.
+        batch_p2p_comm=cuda,
+    )
+
+
+@dataclass
+class Plan:
+    """Everything :func:`plan` checked before any work starts."""
+
+    args: argparse.Namespace
+    shape: model_config.ModelShape
+    tokenizer: object
+    blend: tuple
+    vocab_size: int
+    config: object  # TransformerConfig
+    mst: Optional[dict]
+
+    def describe(self, train_ds, valid_ds) -> str:
+        a = self.args
+        mst = ("stock megatron-core" if self.mst is None else
+               f"MST: mlp_mini_sequences={self.mst['mlp_mini_sequences']}, "
+               f"lm_head_mini_sequences={self.mst['lm_head_mini_sequences']}")
+        return (
+            f"model {a.model_config}: {self.shape.parameter_count(self.vocab_size) / 1e6:,.2f}M parameters, "
+            f"vocab {self.vocab_size} (tokenizer {self.tokenizer.vocab_size}) | {mst} | "
+            f"TP={a.tensor_model_parallel_size} PP={a.pipeline_model_parallel_size} DP={a.data_parallel_size} | "
+            f"{a.global_batch_size} x {a.seq_length} tokens per step, {a.num_microbatches} micro-batches | "
+            f"{'bf16' if a.bf16 else 'fp32'} on {'CUDA' if torch.cuda.is_available() else 'CPU'} | "
+            f"train {len(train_ds)} samples, valid {0 if valid_ds is None else len(valid_ds)} samples"
+        )
+
+
+def plan(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> Plan:
+    """Parse and check every input (flags, model config, tokenizer, data) on this rank alone."""
+    args = arguments.check_args(arguments.build_parser().parse_args(argv))
+    shape = model_config.load_model_shape(args.model_config, configs_dir).replace(**arguments.shape_overrides(args))
+    arguments.check_shape(args, shape)
+    if args.no_mst and args.sequence_parallel:
+        raise SetupError("--sequence-parallel needs MST's norms: megatron-core's local spec refuses it; drop --no-mst")
+    import_megatron_quietly()
+    data.check_dataset_helpers()
+    tokenizer = data.load_tokenizer(args.tokenizer_model)
+    blend = data.parse_data_path(args.data_path)
+    data.check_data(blend[0], tokenizer.vocab_size, args.split)
+    mst = None if args.no_mst else dict(mlp_mini_sequences=args.mlp_mini_sequences,
+                                        lm_head_mini_sequences=args.lm_head_mini_sequences)
+    return Plan(args, shape, tokenizer, blend, _vocab_size(shape, tokenizer, args), _transformer_config(args, shape), mst)
+
+
+def run(p: Plan, start_time: float) -> None:
+    """Start the parallel state and train as planned; ``start_time`` anchors --exit-duration-in-mins."""
+    a = p.args
+    # torch deprecations triggered inside megatron-core's checkpoint reader: nothing to act on here.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            module=r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing)")
+    # Megatron-LM's setting for TP communication ordering on GPU (megatron warns without it).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    deadline = None if a.exit_duration_in_mins is None else start_time + 60 * a.exit_duration_in_mins
+    stop = _StopRequests(deadline)  # from here on, SIGTERM means "save after the next step"
+    init_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size,
+                  a.virtual_pipeline_model_parallel_size, seed=a.seed)
+    try:
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.rerun_state_machine import initialize_rerun_state_machine
+
+        initialize_rerun_state_machine()  # as Megatron-LM does; megatron warns when it is left implicit
+        monitor = Monitor(a.train_iters, dist.get_rank() == dist.get_world_size() - 1, a.tensorboard_dir)
+        train_ds, valid_ds = data.build_datasets(
+            p.tokenizer, p.blend, a.split, a.seq_length, a.seed, a.train_iters * a.global_batch_size,
+            a.eval_iters * a.global_batch_size, a.data_cache_path,
+        )
+        model = build_model(p.config, p.shape, p.vocab_size, p.mst, a.use_distributed_optimizer)
+        optimizer, scheduler = build_optimizer(a, model)
+        p.config.finalize_model_grads_func = finalize_model_grads
+        p.config.grad_scale_func = optimizer.scale_loss
+        monitor.print(p.describe(train_ds, valid_ds))
+        run_info = dict(architecture={**p.shape.architecture(), "vocab_size": p.vocab_size},
+                        use_distributed_optimizer=a.use_distributed_optimizer, bf16=a.bf16)
+        trainer = Trainer(a, model, optimizer, scheduler, train_ds, valid_ds, monitor, run_info, stop)
+        if a.load:
+            trainer.load()
+        trainer.train()
+        monitor.close()
+    finally:
+        stop.restore()
+        destroy_parallel()
+
+
+def pretrain(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> None:
+    """Check every input, then train (under torchrun, or as a one-rank world)."""
+    start_time = time.time()
+    run(plan(argv, configs_dir), start_time)
+
+
+def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> int:
+    """CLI entry: 0 on success, 2 with a one-line message (rank 0) on bad input."""
+    try:
+        pretrain(argv, configs_dir)
+    except SetupError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pretrain_gpt_mst.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
