@@ -133,7 +133,11 @@ def test_package_import_is_silent_and_light():
     import subprocess
     import sys
 
-    code = "import sys, mst_megatron; assert 'megatron.core' not in sys.modules; mst_megatron.MSTGPTModel"
-    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True)
+    code = (
+        "import sys, mst_megatron; assert 'megatron.core' not in sys.modules; "
+        "mst_megatron.MSTGPTModel; mst_megatron.get_gpt_mst_layer_spec"
+    )
+    # Python's default warning filters, as a user gets them.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "Transformer Engine" not in out.stderr and "Apex" not in out.stderr, out.stderr
+    assert out.stderr == "", out.stderr
