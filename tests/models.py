@@ -40,16 +40,13 @@ def tiny_config(**overrides):
     return TransformerConfig(**kwargs)
 
 
-def stock_gpt(config, vocab_size=256, seq_length=32, tied=False, vp_stage=None, qk_layernorm=False):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def _gpt(model_cls, config, layer_spec, vocab_size, seq_length, tied, vp_stage, **extra):
+    """A GPT of ``model_cls`` for this pipeline stage, with the shared tiny-test settings."""
     from megatron.core import parallel_state as ps
 
-    return GPTModel(
+    return model_cls(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(
-            normalization=config.normalization, qk_layernorm=qk_layernorm
-        ),
+        transformer_layer_spec=layer_spec,
         vocab_size=vocab_size,
         max_sequence_length=seq_length,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -57,43 +54,38 @@ def stock_gpt(config, vocab_size=256, seq_length=32, tied=False, vp_stage=None, 
         share_embeddings_and_output_weights=tied,
         position_embedding_type="rope",
         vp_stage=vp_stage,
+        **extra,
     )
+
+
+def _local_spec(config, qk_layernorm=False):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=qk_layernorm)
+
+
+def stock_gpt(config, vocab_size=256, seq_length=32, tied=False, vp_stage=None, qk_layernorm=False):
+    """Stock megatron-core ``GPTModel`` with the local spec: the reference for every MST test."""
+    from megatron.core.models.gpt import GPTModel
+
+    spec = _local_spec(config, qk_layernorm)
+    return _gpt(GPTModel, config, spec, vocab_size, seq_length, tied, vp_stage)
 
 
 def mst_gpt(config, mlp_mini_sequences="auto", vocab_size=256, seq_length=32, tied=False, vp_stage=None):
     """``stock_gpt``'s model with the MST block spec (mini-sequence MLP, SP-aware norms, SDPA)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core import parallel_state as ps
     from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_block_spec
 
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=get_gpt_mst_block_spec(config, mlp_mini_sequences, vp_stage=vp_stage),
-        vocab_size=vocab_size,
-        max_sequence_length=seq_length,
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=tied,
-        position_embedding_type="rope",
-        vp_stage=vp_stage,
-    )
+    spec = get_gpt_mst_block_spec(config, mlp_mini_sequences, vp_stage=vp_stage)
+    return _gpt(GPTModel, config, spec, vocab_size, seq_length, tied, vp_stage)
 
 
 def mst_head_gpt(config, lm_head_mini_sequences="auto", vocab_size=256, seq_length=32, tied=False, vp_stage=None):
     """``stock_gpt``'s model (stock local spec) as an ``MSTGPTModel``: only the LM head differs."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core import parallel_state as ps
     from mst_megatron import MSTGPTModel
 
-    return MSTGPTModel(
-        config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=config.normalization),
-        vocab_size=vocab_size,
-        max_sequence_length=seq_length,
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=tied,
-        position_embedding_type="rope",
-        vp_stage=vp_stage,
+    return _gpt(
+        MSTGPTModel, config, _local_spec(config), vocab_size, seq_length, tied, vp_stage,
         lm_head_mini_sequences=lm_head_mini_sequences,
     )

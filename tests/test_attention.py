@@ -9,13 +9,7 @@ from mst_megatron.tools.memory import measure_peak
 from tests.models import tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank():
-    mst_megatron.init_parallel()
-    yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()  # keep the process group for other modules
+pytestmark = pytest.mark.usefixtures("one_rank")
 
 
 def attention(cls_name, config, mask_type="causal"):

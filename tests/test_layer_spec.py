@@ -24,13 +24,7 @@ LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
 CHUNK_COUNTS = (1, 2, 3, 8, "S")  # "S": one token per chunk
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank():
-    mst_megatron.init_parallel()
-    yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()  # keep the process group for other modules
+pytestmark = pytest.mark.usefixtures("one_rank")
 
 
 # ---------------------------------------------------------------- comparison machinery (also run on ranks)

@@ -14,13 +14,7 @@ from tests.models import tiny_config
 S = 37  # prime: no chunk count > 1 divides it
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank():
-    mst_megatron.init_parallel()
-    yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()  # keep the process group for other modules
+pytestmark = pytest.mark.usefixtures("one_rank")
 
 
 def build(config, mlp_mini_sequences=None):
