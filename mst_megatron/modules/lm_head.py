@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
 from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["MiniSequenceLMHead", "check_head_options"]
+__all__ = ["MiniSequenceLMHead", "check_head_options", "lm_head_mini_sequence_count"]
 
 PARAM = "lm_head_mini_sequences"
 
@@ -43,6 +43,13 @@ def check_head_options(config: TransformerConfig, mini_sequences: ChunkCount) ->
             "set defer_embedding_wgrad_compute=False"
         )
     return mini_sequences
+
+
+def lm_head_mini_sequence_count(mini_sequences: ChunkCount, num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """The head's chunk rule from plain numbers (the parallel-size planner uses it too): ``"auto"`` is
+    ``ceil(vocab_size / hidden_size)`` (global sizes), clamped to ``num_tokens``."""
+    count = math.ceil(vocab_size / hidden_size) if mini_sequences == AUTO else mini_sequences
+    return min(count, num_tokens)
 
 
 class MiniSequenceLMHead(ColumnParallelLinear):
@@ -74,10 +81,7 @@ class MiniSequenceLMHead(ColumnParallelLinear):
 
     def num_chunks(self, num_tokens: int) -> int:
         """Mini-sequences for ``num_tokens`` tokens (every token of the TP group's sequence)."""
-        count = self.mini_sequences
-        if count == AUTO:
-            count = math.ceil(self.output_size / self.input_size)  # global vocab / hidden
-        return min(count, num_tokens)
+        return lm_head_mini_sequence_count(self.mini_sequences, num_tokens, self.output_size, self.input_size)
 
     def forward(
         self,

@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mst_megatron.ops.chunking import AUTO, ChunkCount, resolve_chunk_count, validate_chunk_count
 from mst_megatron.ops.mini_sequence import mini_sequence_apply
 
-__all__ = ["MiniSequenceMLP"]
+__all__ = ["MiniSequenceMLP", "mlp_mini_sequence_count"]
 
 PARAM = "mlp_mini_sequences"
 
@@ -65,11 +65,8 @@ class MiniSequenceMLP(MLP):
 
     def num_mini_sequences(self, local_length: int) -> int:
         """Chunk count for a local sequence of ``local_length`` tokens (same on every TP/SP/CP rank)."""
-        computed_length = local_length * (self.tp_group.size() if self.config.sequence_parallel else 1)
-        count = resolve_chunk_count(
-            self.mlp_mini_sequences, PARAM, computed_length, auto_tokens_per_chunk=self.config.hidden_size
-        )
-        return min(count, local_length)
+        sp_size = self.tp_group.size() if self.config.sequence_parallel else 1
+        return mlp_mini_sequence_count(self.mlp_mini_sequences, local_length, sp_size, self.config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
         """``[s_local, b, h]`` -> ``(output [s_local, b, h], output_bias or None)``, like ``MLP``."""
@@ -83,6 +80,14 @@ class MiniSequenceMLP(MLP):
             )
         # Extra kwargs (e.g. padding_mask) are for MoE layers; the dense MLP ignores them.
         return mini_sequence_apply(super().forward, hidden_states, num_chunks)
+
+
+def mlp_mini_sequence_count(mlp_mini_sequences: ChunkCount, local_length: int, sp_size: int, hidden_size: int) -> int:
+    """The rule of :meth:`MiniSequenceMLP.num_mini_sequences`, from plain numbers (the parallel-size
+    planner uses it too): ``local_length`` tokens per rank, ``sp_size`` the TP size under sequence
+    parallelism (else 1)."""
+    count = resolve_chunk_count(mlp_mini_sequences, PARAM, local_length * sp_size, auto_tokens_per_chunk=hidden_size)
+    return min(count, local_length)
 
 
 def _check_config(config: TransformerConfig, is_expert: bool) -> None:
