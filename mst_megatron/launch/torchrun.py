@@ -147,7 +147,6 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Launch:
         missing = " and ".join(f for f, v in (("--nnodes", nnodes), ("--nproc-per-node", nproc)) if v is None)
         raise LaunchError(f"{missing} missing: pass them, or run under SLURM or a Kubernetes PyTorchJob")
     nnodes, nproc = _positive(nnodes, "--nnodes"), _positive(nproc, "--nproc-per-node")
-    check_layout(nnodes, nproc, **parallel_sizes(args.script_args))
 
     endpoint = args.rdzv_endpoint
     if endpoint is None and (found["host"] is not None or nnodes > 1):
@@ -158,6 +157,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Launch:
         endpoint = host
     if endpoint is not None and ":" not in endpoint:
         endpoint = f"{endpoint}:{_positive(found['port'] or str(DEFAULT_PORT), 'the rendezvous port')}"
+    check_layout(nnodes, nproc, **parallel_sizes(args.script_args))
     rdzv_id = args.rdzv_id or found["rdzv_id"] or "mst"
     return Launch(nnodes, nproc, endpoint, rdzv_id, args.script, args.script_args, args.max_restarts)
 
