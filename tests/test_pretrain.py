@@ -1,6 +1,7 @@
 """The pretraining pipeline end to end on a tiny corpus: tokenizer, preprocessing, 2-rank torchrun
 training (TP=2, MST) with validation and checkpoints, exact resume, MST <-> stock megatron-core
-checkpoint loading, SIGTERM, and the bad-input errors. Four torchrun launches in all.
+checkpoint loading, SIGTERM, the distributed optimizer with bf16, and the bad-input errors. Six
+torchrun launches in all.
 """
 
 import importlib.util
@@ -58,9 +59,9 @@ def _argv(corpus, *extra):
     return ["--tokenizer-model", corpus["tokenizer"], "--data-path", *corpus["data"], *MODEL, *RUN, *extra]
 
 
-def _launch(corpus, *extra):
+def _launch(corpus, *extra, tp=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT,
-           *_argv(corpus, "--tensor-model-parallel-size", "2", *extra)]
+           *_argv(corpus, "--tensor-model-parallel-size", str(tp), *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -80,8 +81,8 @@ def _finish(proc, lines=()):
     return out, steps, valid
 
 
-def _train(corpus, *extra):
-    return _finish(_launch(corpus, *extra))
+def _train(corpus, *extra, tp=2):
+    return _finish(_launch(corpus, *extra, tp=tp))
 
 
 def _rel(a, b):
@@ -155,6 +156,20 @@ def test_stock_checkpoint_loads_into_mst_and_sigterm_saves(corpus, uninterrupted
     assert _rel(steps[7], uninterrupted["steps"][7]) <= 1e-5, (steps[7], uninterrupted["steps"][7])
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         assert f.read().strip() == "7"
+
+
+def test_distributed_optimizer_bf16_trains_and_resumes_exactly(corpus):
+    """Runs E and F: DP=2 with the distributed optimizer (optimizer state sharded over both ranks) and
+    bf16; F resumes E's iteration-4 checkpoint and repeats E's steps 5..8."""
+    flags = ("--use-distributed-optimizer", "--bf16")
+    save = str(corpus["work"] / "ckpt_distopt")
+    out, steps, valid = _train(corpus, *flags, "--save", save, "--save-interval", "4", tp=1)
+    assert "DP=2" in out and "bf16 on" in out
+    assert sorted(steps) == list(range(1, 9)) and valid[8] < valid[0] - 0.3, valid
+    _, resumed, _ = _train(corpus, *flags, "--load", save, "--ckpt-step", "4", tp=1)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for i in resumed:
+        assert _rel(resumed[i], steps[i]) <= 1e-6, (i, resumed[i], steps[i])
 
 
 @pytest.mark.parametrize(

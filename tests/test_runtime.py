@@ -1,7 +1,8 @@
 """init_parallel's checks and each bridge of the CPU compatibility layer.
 
 The schedules, p2p communication and the tied-embedding bridge are exercised for real by the
-pipeline-parallel runs in test_baseline.py; dist_checkpointing by its TP=1 -> TP=2 reload.
+pipeline-parallel runs in test_baseline.py; dist_checkpointing by its TP=1 -> TP=2 reload; the
+bf16 and distributed optimizers by the DP=2 run in test_pretrain.py.
 """
 
 import pytest
@@ -90,6 +91,12 @@ def _bridges_on_two_ranks():
         p.grad = torch.full((3,), 2.0)
     cpu_compat._clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=4.0)
     assert torch.allclose(params[0].grad, torch.full((3,), 0.5), rtol=1e-5)
+
+    # The optimizers' parameter sort sees CUDA type names, only while they are built.
+    with cpu_compat._tensor_type_names_cuda():
+        assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        assert torch.zeros(1).type(torch.float64).dtype == torch.float64
+    assert torch.zeros(1).type() == "torch.FloatTensor"
     mst_megatron.destroy_parallel()
     assert not torch.distributed.is_initialized()
 

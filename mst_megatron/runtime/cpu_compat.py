@@ -4,8 +4,8 @@ megatron-core assumes CUDA in a handful of places (device-side RNG, ``device="cu
 ``torch.cuda.current_device()`` buffers, ``torch.cuda.synchronize()``). This module bridges exactly
 those, and only when CUDA is absent: :func:`install` is a no-op on a machine with a GPU.
 
-Three bridges, each scoped to named megatron-core modules so user code and torch itself are never
-touched:
+Six bridges, each scoped to named megatron-core modules or methods so user code and torch itself
+are never touched outside them:
 
 1. ``torch`` seen by the modules in :data:`BRIDGED_MODULES` is :class:`_TorchOnCpu`, a proxy that
    forwards everything to the real ``torch`` except that factories given a CUDA device (or
@@ -20,9 +20,17 @@ touched:
    ``weight.data.cuda()`` before its pipeline all-reduce; on CPU that move is the identity.
 4. ``optimizer.clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``;
    the optimizer module gets the same scaling without that assertion.
+5. The mixed-precision (``--bf16``) and distributed optimizers sort parameters by
+   ``param.type()`` against ``'torch.cuda.*Tensor'`` names while they are built and raise on
+   anything else; inside their ``__init__`` a CPU tensor's ``type()`` reports the CUDA name of its
+   dtype, so CPU parameters are sorted exactly as CUDA ones would be.
+6. RoPE's context-parallel slicing (``rope_utils.get_pos_emb_on_this_cp_rank``) moves its chunk
+   index with ``.cuda()``; inside that function the move is the identity (bridged under the name
+   each RoPE module imported it as).
 """
 
 import contextlib
+import functools
 import importlib
 import logging
 import types
@@ -36,6 +44,7 @@ BRIDGED_MODULES = {
     "megatron.core.tensor_parallel.mappings": "sequence-parallel all-gather/reduce-scatter output buffers",
     "megatron.core.utils": "GlobalMemoryBuffer (sequence-parallel all-gather buffer) on current_device()",
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "RoPE inv_freq moved to current_device()",
+    "megatron.core.models.common.embeddings.rope_utils": "CP chunk index built with pin_memory=True",
     "megatron.core.transformer.utils": 'get_default_causal_mask allocates on device="cuda"',
     "megatron.core.transformer.dot_product_attention": "attention buffers on current_device()",
     "megatron.core.pipeline_parallel.schedules": 'total_num_tokens = torch.zeros(..., device="cuda")',
@@ -134,15 +143,49 @@ def _tensor_cuda_is_identity():
         torch.Tensor.cuda = original
 
 
-def _bridge_setup_embeddings(language_module_cls):
-    original = language_module_cls.setup_embeddings_and_output_layer
+@contextlib.contextmanager
+def _tensor_type_names_cuda():
+    original = torch.Tensor.type
 
-    def setup_embeddings_and_output_layer(self):
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        name = original(self, dtype, non_blocking, **kwargs)
+        if dtype is None and self.device.type == "cpu":
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _run_inside(cls, method_name: str, context) -> None:
+    """Make ``cls.<method_name>`` run inside ``context()``."""
+    original = getattr(cls, method_name)
+
+    def bridged(self, *args, **kwargs):
+        with context():
+            return original(self, *args, **kwargs)
+
+    bridged.__name__ = original.__name__
+    bridged.__doc__ = original.__doc__
+    setattr(cls, method_name, bridged)
+
+
+def _bridge_cp_rope_slicing() -> None:
+    """Bridge 6: the CP slicing function runs with ``Tensor.cuda`` as the identity."""
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
+
+    original = rope_utils.get_pos_emb_on_this_cp_rank
+
+    @functools.wraps(original)
+    def get_pos_emb_on_this_cp_rank(*args, **kwargs):
         with _tensor_cuda_is_identity():
-            return original(self)
+            return original(*args, **kwargs)
 
-    setup_embeddings_and_output_layer.__doc__ = original.__doc__
-    language_module_cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+    for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
+        module.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
 
 
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -169,13 +212,16 @@ def install() -> bool:
         importlib.import_module(name).torch = proxy
 
     from megatron.core.models.common.language_module import language_module
-    from megatron.core.optimizer import optimizer
+    from megatron.core.optimizer import distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random._get_cuda_rng_state = _get_device_rng_state
     tp_random._set_cuda_rng_state = _set_device_rng_state
     logging.getLogger(tp_random.__name__).addFilter(_DropCpuRngWarning())
-    _bridge_setup_embeddings(language_module.LanguageModule)
+    _run_inside(language_module.LanguageModule, "setup_embeddings_and_output_layer", _tensor_cuda_is_identity)
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    _run_inside(optimizer.Float16OptimizerWithFloat16Params, "__init__", _tensor_type_names_cuda)
+    _run_inside(distrib_optimizer.DistributedOptimizer, "__init__", _tensor_type_names_cuda)
+    _bridge_cp_rope_slicing()
     _installed = True
     return True

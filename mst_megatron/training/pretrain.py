@@ -109,15 +109,7 @@ def build_optimizer(args, model: List):
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    try:
-        optimizer = get_megatron_optimizer(config, model)
-    except TypeError as e:  # megatron-core checks param.type() against 'torch.cuda.*' names
-        if "torch.cuda" not in str(e):
-            raise
-        raise SetupError(
-            "--bf16 / --use-distributed-optimizer: megatron-core 0.16.1's mixed-precision and distributed "
-            f"optimizers accept only CUDA parameters, and this run has CPU ones ({e})"
-        ) from None
+    optimizer = get_megatron_optimizer(config, model)
     samples = args.global_batch_size  # the scheduler counts samples, one step = one global batch
     scheduler = OptimizerParamScheduler(
         optimizer,
