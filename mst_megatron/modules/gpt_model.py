@@ -46,6 +46,18 @@ class MSTGPTModel(GPTModel):
         if self.post_process:
             MiniSequenceLMHead.adopt(self.output_layer, lm_head_mini_sequences)
 
+    @classmethod
+    def adopt(cls, model: GPTModel, lm_head_mini_sequences: ChunkCount = AUTO) -> "MSTGPTModel":
+        """Promote a stock ``GPTModel`` that a tool built itself (e.g. a Megatron-Bridge provider) to
+        this class in place, and return it: same object, parameters and state-dict keys."""
+        if type(model) is not GPTModel:
+            raise TypeError(f"model must be a megatron-core GPTModel (unwrapped), got {type(model).__name__}")
+        lm_head_mini_sequences = check_head_options(model.config, lm_head_mini_sequences)
+        model.__class__ = cls
+        if model.post_process:
+            MiniSequenceLMHead.adopt(model.output_layer, lm_head_mini_sequences)
+        return model
+
     def _loss_in_head(self, labels, inference_context) -> bool:
         """Whether this forward's loss is computed by the mini-sequence head (else: stock path)."""
         return (
