@@ -89,3 +89,16 @@ def mst_head_gpt(config, lm_head_mini_sequences="auto", vocab_size=256, seq_leng
         MSTGPTModel, config, _local_spec(config), vocab_size, seq_length, tied, vp_stage,
         lm_head_mini_sequences=lm_head_mini_sequences,
     )
+
+
+def mst_full_gpt(config, mlp_mini_sequences="auto", lm_head_mini_sequences="auto", vocab_size=256, seq_length=32,
+                 tied=False, vp_stage=None):
+    """Everything MST: the MST block spec in an ``MSTGPTModel`` (what the pretraining job builds)."""
+    from mst_megatron import MSTGPTModel
+    from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_block_spec
+
+    spec = get_gpt_mst_block_spec(config, mlp_mini_sequences, vp_stage=vp_stage)
+    return _gpt(
+        MSTGPTModel, config, spec, vocab_size, seq_length, tied, vp_stage,
+        lm_head_mini_sequences=lm_head_mini_sequences,
+    )

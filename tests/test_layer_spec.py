@@ -18,7 +18,7 @@ import torch
 import mst_megatron
 from tests.models import mst_gpt, stock_gpt, tiny_config
 from tests.multirank import run_on_ranks
-from tests.training import fixed_batches, forward_backward
+from tests.training import fixed_batches, forward_backward, grad_error, grads_by_name, unwrap, wrap_ddp
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
 CHUNK_COUNTS = (1, 2, 3, 8, "S")  # "S": one token per chunk
@@ -30,36 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_rank")
 # ---------------------------------------------------------------- comparison machinery (also run on ranks)
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):  # DDP, Float16Module
-        model = model.module
-    return model
-
-
-def _grads(chunks):
-    out = {}
-    for i, chunk in enumerate(chunks):
-        for name, p in _unwrap(chunk).named_parameters():
-            out[f"{i}.{name}"] = getattr(p, "main_grad", p.grad)
-    return out
-
-
-def _grad_error(got, ref):
-    """max over parameters of max|g - r| / max|r|."""
-    assert got.keys() == ref.keys()
-    worst = 0.0
-    for name, r in ref.items():
-        g = got[name]
-        assert r is not None and g is not None, f"{name}: missing gradient"
-        r, g = r.double(), g.double()
-        worst = max(worst, ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item())
-    return worst
-
-
 def _fc1_call_counter(chunks):
     calls = [0]
     for chunk in chunks:
-        for module in _unwrap(chunk).modules():
+        for module in unwrap(chunk).modules():
             if isinstance(module, mst_megatron.MiniSequenceMLP):
                 module.linear_fc1.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     return calls
@@ -73,7 +47,7 @@ def _expected_fc1_calls(config, m, seq_length, num_microbatches, chunks):
     sp = ps.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
     # "auto": chunks of about hidden_size tokens of the sequence the MLP sees (SP-gathered)
     m = min(math.ceil(seq_length / config.hidden_size) if m == "auto" else m, seq_length // sp)
-    layers = sum(len(_unwrap(c).decoder.layers) for c in chunks)
+    layers = sum(len(unwrap(c).decoder.layers) for c in chunks)
     if config.recompute_granularity == "selective" and "mlp" in config.recompute_modules:
         recomputed = layers
     elif config.recompute_granularity == "full" and config.recompute_method == "uniform":
@@ -83,15 +57,6 @@ def _expected_fc1_calls(config, m, seq_length, num_microbatches, chunks):
     else:
         recomputed = 0
     return num_microbatches * (layers * (1 if m == 1 else 2 * m) + recomputed * m)
-
-
-def _wrap_ddp(chunks, config):
-    """megatron's DDP + finalize_model_grads: what all-reduces SP norm gradients over TP."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
-
-    config.finalize_model_grads_func = finalize_model_grads
-    return [DistributedDataParallel(config, DistributedDataParallelConfig(), c) for c in chunks]
 
 
 def compare(case, m, seq_length, micro_batch_size, num_microbatches=1, ref=None, mst=None, ddp=False):
@@ -105,13 +70,13 @@ def compare(case, m, seq_length, micro_batch_size, num_microbatches=1, ref=None,
     mst_chunks = [mst_gpt(mst_config, m, seq_length=seq_length)]
     mst_chunks[0].load_state_dict(ref_chunks[0].state_dict(), strict=True)
     if ddp:
-        mst_chunks = _wrap_ddp(mst_chunks, mst_config)
+        mst_chunks = wrap_ddp(mst_chunks, mst_config)
     calls = _fc1_call_counter(mst_chunks)
     ref_loss = forward_backward(ref_chunks, tokens, labels)
     mst_loss = forward_backward(mst_chunks, tokens, labels)
     result = {
         "case": case,
-        "grad_err": _grad_error(_grads(mst_chunks), _grads(ref_chunks)),
+        "grad_err": grad_error(grads_by_name(mst_chunks), grads_by_name(ref_chunks)),
         "fc1_calls": calls[0],
         "fc1_expected": _expected_fc1_calls(mst_config, m, seq_length, num_microbatches, mst_chunks),
     }
@@ -236,11 +201,11 @@ def test_bf16_tp1(m):
     stock16, mst16 = Float16Module(bf16, stock16), Float16Module(bf16, mst16)
     losses = [forward_backward([model], tokens, labels) for model in (truth, stock16, mst16)]
     assert abs(losses[2] - losses[1]) / abs(losses[0]) <= 1e-4, losses
-    g32, g_stock, g_mst = _grads([truth]), _grads([stock16]), _grads([mst16])
+    g32, g_stock, g_mst = grads_by_name([truth]), grads_by_name([stock16]), grads_by_name([mst16])
     for name, ref in g32.items():
         assert g_mst[name].dtype == torch.bfloat16
-        stock_err = _grad_error({name: g_stock[name]}, {name: ref})
-        assert _grad_error({name: g_mst[name]}, {name: ref}) <= 2 * stock_err + 2**-8, name
+        stock_err = grad_error({name: g_stock[name]}, {name: ref})
+        assert grad_error({name: g_mst[name]}, {name: ref}) <= 2 * stock_err + 2**-8, name
 
 
 @pytest.mark.parametrize("normalization,qk_layernorm", [("RMSNorm", False), ("LayerNorm", True)])

@@ -9,10 +9,19 @@ and dominate memory long before the MLP does.
 Supported: causal and unmasked self-attention; grouped-query attention (SDPA's ``enable_gqa``, K/V not
 expanded, wherever the kernel SDPA picks supports it; otherwise K/V are expanded to the query heads,
 which costs memory linear in s rather than a fall-back to the quadratic math kernel); attention
-dropout drawn from the RNG stream ``DotProductAttention`` draws it from. Refused with a clear error:
-other mask types, packed sequences, attention bias, sliding windows, non-vanilla softmax and context
-parallelism (a later issue: it will wrap :meth:`SDPAttention._attend`, which sees one rank's queries
-and the keys they attend to).
+dropout drawn from the RNG stream ``DotProductAttention`` draws it from; context parallelism (below).
+Refused with a clear error: other mask types, packed sequences, attention bias, sliding windows and
+non-vanilla softmax.
+
+Context parallelism (``context_parallel_size = cp > 1``, megatron's ``cp_comm_type`` ``"a2a"``, the
+default here): each rank holds a load-balanced shard of the sequence (megatron's
+``get_batch_on_this_cp_rank`` layout). :mod:`mst_megatron.ops.context_parallel` all-to-alls the
+queries, keys and values to the whole sequence for ``1/cp`` of this TP rank's heads, in natural
+order, SDPA runs on that (causal = the plain lower triangle), and the context goes back to the
+sequence shard. This needs the heads per TP rank divisible by ``cp``; the key/value groups per TP
+rank either divisible by ``cp`` too, or dividing it, in which case each group is replicated
+``cp / groups`` times before the exchange (its gradients sum back through the replication). Other
+combinations are refused naming the sizes (a ring-attention path would lift this; not implemented).
 
 Memory caveat: torch's CPU flash kernel has no dropout, so with ``attention_dropout > 0`` on CPU SDPA
 falls back to its math kernel, which does materialise the scores (a warning says so once). GPU kernels
@@ -27,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -35,9 +44,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from mst_megatron.ops.context_parallel import heads_to_sequence, sequence_to_heads
+
 __all__ = ["SDPAttention"]
 
 SUPPORTED_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.no_mask)
+CP_COMM_TYPES = (None, "a2a")  # None: megatron's default, taken as the all-to-all here
 _warned_cpu_dropout = False
 
 
@@ -61,11 +73,6 @@ class SDPAttention(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                f"context_parallel_size={config.context_parallel_size} is not supported yet by the MST "
-                "core attention (SDPAttention); use context_parallel_size=1"
-            )
         if config.softmax_type != "vanilla":
             raise ValueError(
                 f"softmax_type={config.softmax_type!r} is not supported by SDPAttention; use 'vanilla'"
@@ -86,6 +93,11 @@ class SDPAttention(MegatronModule):
         # back before the softmax: the same math, so it needs no counterpart here.
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # Context parallelism: the group to exchange over and how often to replicate each K/V group.
+        self.cp_group, self.kv_replicas = None, 1
+        if config.context_parallel_size > 1:
+            self.kv_replicas = _check_context_parallel(config, cp_comm_type)
+            self.cp_group = _cp_group(pg_collection, config.context_parallel_size)
 
     def forward(
         self,
@@ -124,26 +136,73 @@ class SDPAttention(MegatronModule):
             return self._attend(query, key, value, causal, dropout_p)
 
     def _attend(self, query, key, value, causal: bool, dropout_p: float) -> torch.Tensor:
-        """SDPA on ``[s, b, heads, hn]`` tensors; context parallelism will hook in here."""
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        scale = self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(q.size(-1))
-        gqa = q.size(1) != k.size(1)
-        if gqa and _sdpa_backend(q, k, v, dropout_p, causal, scale) == SDPBackend.MATH.value:
-            # Some fused kernels (e.g. older CUDA memory-efficient ones) lack native GQA: expanding
-            # K/V (query-sized, linear in s) keeps them eligible instead of the quadratic math kernel.
-            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
-            gqa = False
-        context = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa
-        )
-        # [b, np, sq, hn] -> [sq, b, np * hn]
-        return context.permute(2, 0, 1, 3).reshape(context.size(2), context.size(0), -1)
+        """``[s, b, heads, hn]`` tensors (this rank's sequence shard under CP) -> ``[s, b, heads * hn]``."""
+        if self.cp_group is None:
+            context = _sdpa(query, key, value, causal, dropout_p, self.softmax_scale)
+        else:
+            if self.kv_replicas > 1:  # fewer K/V groups than CP ranks: one (replicated) group per rank
+                key, value = (t.repeat_interleave(self.kv_replicas, dim=2) for t in (key, value))
+            q, k, v = (sequence_to_heads(t, self.cp_group) for t in (query, key, value))
+            context = heads_to_sequence(_sdpa(q, k, v, causal, dropout_p, self.softmax_scale), self.cp_group)
+        return context.reshape(context.size(0), context.size(1), -1)
+
+
+def _sdpa(query, key, value, causal: bool, dropout_p: float, softmax_scale) -> torch.Tensor:
+    """SDPA on ``[s, b, heads, hn]`` tensors (``query.size(2) / key.size(2)`` queries per key group);
+    returns the context as ``[s, b, heads, hn]``."""
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.size(-1))
+    gqa = q.size(1) != k.size(1)
+    if gqa and _sdpa_backend(q, k, v, dropout_p, causal, scale) == SDPBackend.MATH.value:
+        # Some fused kernels (e.g. older CUDA memory-efficient ones) lack native GQA: expanding
+        # K/V (query-sized, linear in s) keeps them eligible instead of the quadratic math kernel.
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        gqa = False
+    context = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=gqa
+    )
+    return context.permute(2, 0, 1, 3)  # [b, np, sq, hn] -> [sq, b, np, hn]
 
 
 def _sdpa_backend(q, k, v, dropout_p: float, causal: bool, scale: float) -> int:
     """The kernel SDPA would pick for grouped-query inputs (``SDPBackend`` value; torch's dispatcher
     query, private but stable since torch 2.0)."""
     return torch._fused_sdp_choice(q, k, v, None, dropout_p, causal, scale=scale, enable_gqa=True)
+
+
+def _cp_group(pg_collection: Optional[ProcessGroupCollection], cp: int):
+    """The context-parallel group: the collection's, else megatron's global one; its size must be ``cp``."""
+    group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
+    if group.size() != cp:
+        raise ValueError(
+            f"context_parallel_size={cp} in the config, but the context-parallel process group has "
+            f"{group.size()} ranks; initialise the parallel state with the same context_parallel_size"
+        )
+    return group
+
+
+def _check_context_parallel(config: TransformerConfig, cp_comm_type) -> int:
+    """Refuse what the all-to-all cannot do, naming the sizes; return the K/V replication factor."""
+    if cp_comm_type not in CP_COMM_TYPES:
+        raise ValueError(
+            f"cp_comm_type={cp_comm_type!r} is not supported by SDPAttention (it implements the "
+            f"all-to-all exchange); allowed: {CP_COMM_TYPES}"
+        )
+    cp, tp = config.context_parallel_size, config.tensor_model_parallel_size
+    heads, groups = config.num_attention_heads // tp, config.num_query_groups // tp
+    if heads % cp:
+        raise ValueError(
+            f"context parallelism in SDPAttention trades sequence shards for head shards: the "
+            f"attention heads per tensor-parallel rank (num_attention_heads {config.num_attention_heads} / "
+            f"tensor_model_parallel_size {tp} = {heads}) must be divisible by context_parallel_size {cp}"
+        )
+    if groups % cp and cp % groups:
+        raise ValueError(
+            f"context parallelism in SDPAttention: the key/value groups per tensor-parallel rank "
+            f"(num_query_groups {config.num_query_groups} / tensor_model_parallel_size {tp} = {groups}) "
+            f"must be divisible by context_parallel_size {cp}, or divide it (then they are replicated)"
+        )
+    return max(1, cp // groups)
 
 
 def _check_mask_type(mask_type: AttnMaskType) -> None:

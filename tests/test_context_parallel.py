@@ -1,0 +1,221 @@
+"""Context parallelism for MST models: the whole MST model (SDPA attention with the Ulysses all-to-all,
+mini-sequence MLP and LM head) under CP=2, CP=4, TP=2 x CP=2 with sequence parallelism and PP=2 x
+CP=2 (and DP=2 x CP=2), against the single-rank stock megatron-core model with the same global weights and batch.
+
+Reference: every rank of the spawned world first builds the single-rank stock ``GPTModel`` (seed 0),
+runs the global batch and saves its weights, then its gradients in place of the weights, as two
+megatron dist checkpoints. The layout's MST model loads the first (resharded to its TP/PP/CP ranks
+by megatron), runs the same batch sharded per CP rank by ``get_batch_on_this_cp_rank`` through
+megatron's schedule and DDP, and is compared with the second, loaded the same way. fp32 tolerances:
+loss relative error <= 1e-5, every gradient within 1e-4 of the reference's max abs. Chunk counts are
+chosen so that no mini-sequence count divides the local length or token count, and each rank's
+counts are checked equal across the world.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import mst_megatron
+from tests.models import mst_full_gpt, stock_gpt, tiny_config
+from tests.multirank import run_on_ranks
+from tests.training import fixed_batches, forward_backward, grad_error, grads_by_name, wrap_ddp
+
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
+VOCAB = 256
+
+# layout name -> sizes, global sequence length S, micro-batch b, micro-batches, chunk counts, the
+# model overrides (reference too) and the parallel-only overrides (the MST model only).
+SP = dict(sequence_parallel=True)
+FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+# All on one world of four ranks (spawning ranks costs ~10 s each): the CP=2 layouts there also have
+# two data-parallel replicas, which see the same batch, so the comparison is unchanged.
+LAYOUTS = {
+    # S=36: 18 local tokens (M=4 does not divide), 36 head tokens (M=7 does not divide)
+    "dp2-cp2": dict(cp=2, S=36, b=2, mb=2, mlp=4, head=7),
+    # one K/V group for two CP ranks: replicated before the exchange, gradients summed back
+    "dp2-cp2-mqa": dict(cp=2, S=36, b=2, mb=1, mlp=5, head=7, model=dict(num_query_groups=1)),
+    # "auto": 130 local tokens -> ceil(130 / 64) = 3 MLP chunks; ceil(256 / 64) = 4 head chunks
+    "dp2-cp2-auto-recompute": dict(cp=2, S=260, b=1, mb=1, mlp="auto", head="auto", parallel=FULL_RECOMPUTE),
+    # 10 local tokens, 2 K/V groups for 4 CP ranks (replicated x2)
+    "cp4": dict(cp=4, S=40, b=2, mb=2, mlp=3, head=7),
+    # 18 CP-local tokens, 9 per SP shard (M=4); 2 heads and 1 K/V group per TP rank (replicated x2)
+    "tp2-cp2-sp": dict(tp=2, cp=2, S=36, b=2, mb=2, mlp=4, head=7, parallel=SP),
+    "pp2-cp2": dict(pp=2, cp=2, S=36, b=2, mb=4, mlp=4, head=7),
+}
+WORLD_SIZE = 4
+
+
+def _record_chunk_counts(model):
+    """Every chunk count the model's MLPs and LM head compute, in call order."""
+    counts = {"mlp": [], "head": []}
+    for module in model.modules():
+        name = {"MiniSequenceMLP": ("mlp", "num_mini_sequences"), "MiniSequenceLMHead": ("head", "num_chunks")}
+        kind, method = name.get(type(module).__name__, (None, None))
+        if kind is None:
+            continue
+        original = getattr(module, method)
+
+        def recorded(*args, _original=original, _into=counts[kind]):
+            _into.append(_original(*args))
+            return _into[-1]
+
+        setattr(module, method, recorded)
+    return counts
+
+
+def _reference(name, layout, tokens, labels, work_dir):
+    """The single-rank stock model on every rank: its loss; weights and gradients saved as checkpoints."""
+    from megatron.core import dist_checkpointing, parallel_state as ps
+
+    mst_megatron.init_parallel()
+    torch.manual_seed(0)
+    model = stock_gpt(tiny_config(**layout.get("model", {})), vocab_size=VOCAB, seq_length=layout["S"])
+    loss = forward_backward([model], tokens, labels)
+    paths = {what: os.path.join(work_dir, name, what) for what in ("weights", "grads")}
+    if torch.distributed.get_rank() == 0:
+        for path in paths.values():
+            os.makedirs(path)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), paths["weights"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.grad)
+    dist_checkpointing.save(model.sharded_state_dict(), paths["grads"])
+    ps.destroy_model_parallel()
+    return loss, paths
+
+
+def run_layout(name, layout, work_dir):
+    """One layout against the single-rank reference; this rank's errors and chunk counts."""
+    from megatron.core import dist_checkpointing, parallel_state as ps
+
+    tokens, labels = fixed_batches(layout["mb"], layout["b"], layout["S"], VOCAB, seed=layout["S"])
+    ref_loss, paths = _reference(name, layout, tokens, labels, work_dir)
+
+    mst_megatron.init_parallel(layout.get("tp", 1), layout.get("pp", 1), layout["cp"])
+    config = tiny_config(**layout.get("model", {}), **layout.get("parallel", {}))
+
+    def load(what):
+        model = mst_full_gpt(config, layout["mlp"], layout["head"], vocab_size=VOCAB, seq_length=layout["S"])
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), paths[what]))
+        return model
+
+    model, expected = load("weights"), load("grads")
+    counts = _record_chunk_counts(model)
+    chunks = wrap_ddp([model], config)
+    loss = forward_backward(chunks, tokens, labels)
+    ref_grads = {f"0.{n}": p.detach() for n, p in expected.named_parameters()}
+    local_tokens = layout["S"] // layout["cp"]  # per CP rank; the head sees them for the whole micro-batch
+    sp = layout.get("tp", 1) if config.sequence_parallel else 1
+    result = dict(case=name, grad_err=grad_error(grads_by_name(chunks), ref_grads), counts=counts,
+                  mlp_tokens=local_tokens // sp, head_tokens=local_tokens * layout["b"])
+    if loss is not None:
+        result["loss_err"] = abs(loss - ref_loss) / abs(ref_loss)
+    ps.destroy_model_parallel()
+    return result
+
+
+def check_exchange():
+    """The all-to-all pair on a CP=2 group: the whole sequence in natural order for this rank's
+    heads, and back to the rank's load-balanced shard, exactly."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from mst_megatron.ops.context_parallel import heads_to_sequence, sequence_to_heads
+
+    mst_megatron.init_parallel(context_parallel_size=2)
+    group, rank = ps.get_context_parallel_group(), ps.get_context_parallel_rank()
+    full = torch.randn(12, 3, 4, 5, generator=torch.Generator().manual_seed(0))  # [s, b, heads, d]
+    # get_batch_on_this_cp_rank slices dim 1: hand it [b, s, ...] and take it back
+    shard = get_batch_on_this_cp_rank({"x": full.transpose(0, 1)})["x"].transpose(0, 1).contiguous()
+    gathered = sequence_to_heads(shard.requires_grad_(), group)
+    assert torch.equal(gathered, full[:, :, 2 * rank:2 * rank + 2]), "sequence_to_heads"
+    back = heads_to_sequence(gathered, group)
+    assert torch.equal(back, shard), "heads_to_sequence"
+    back.backward(torch.ones_like(back))  # a permutation: every element's gradient is 1
+    assert torch.equal(shard.grad, torch.ones_like(shard)), "backward"
+    ps.destroy_model_parallel()
+
+
+def world_body(out_dir):
+    """The exchange check, then every layout against the single-rank reference."""
+    check_exchange()
+    results = [run_layout(name, layout, out_dir) for name, layout in LAYOUTS.items()]
+    with open(os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    run_on_ranks(world_body, WORLD_SIZE, str(out), timeout=280)
+    by_case = {}
+    for rank in range(WORLD_SIZE):
+        with open(out / f"rank{rank}.json") as f:
+            for r in json.load(f):
+                by_case.setdefault(r["case"], []).append(r)
+    return by_case
+
+
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_matches_single_rank_model(results, case):
+    ranks = results[case]
+    print(case, "worst loss rel. err", max(r.get("loss_err", 0.0) for r in ranks),
+          "worst grad rel. err", max(r["grad_err"] for r in ranks))
+    assert any("loss_err" in r for r in ranks)  # the last stage saw the loss
+    for r in ranks:
+        assert r["grad_err"] <= GRAD_TOL, r
+        assert r.get("loss_err", 0.0) <= LOSS_TOL, r
+
+
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_chunk_counts_agree_across_ranks(results, case):
+    """One MLP chunk count on every rank (every layer, micro-batch and recompute), one head count on
+    every last-stage rank: collectives inside chunks pair up. Counts above 1 that do not divide."""
+    ranks = results[case]
+    mlp = {m for r in ranks for m in r["counts"]["mlp"]}
+    head = {m for r in ranks for m in r["counts"]["head"]}
+    assert len(mlp) == 1 and len(head) == 1, (mlp, head)
+    (m_mlp,), (m_head,) = mlp, head
+    mlp_tokens, head_tokens = ranks[0]["mlp_tokens"], ranks[0]["head_tokens"]
+    assert m_mlp > 1 and mlp_tokens % m_mlp, (m_mlp, mlp_tokens)
+    assert m_head > 1 and head_tokens % m_head, (m_head, head_tokens)
+
+
+# ---------------------------------------------------------------- bad input, before any work
+
+
+@pytest.mark.usefixtures("one_rank")
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(num_attention_heads=8, num_query_groups=2, context_parallel_size=3),
+         r"attention heads per tensor-parallel rank \(num_attention_heads 8 / tensor_model_parallel_size 1 = 8\) "
+         r"must be divisible by context_parallel_size 3"),
+        (dict(hidden_size=96, num_attention_heads=6, num_query_groups=3, context_parallel_size=2),
+         r"key/value groups per tensor-parallel rank \(num_query_groups 3 / tensor_model_parallel_size 1 = 3\) "
+         r"must be divisible by context_parallel_size 2, or divide it"),
+        (dict(context_parallel_size=2, cp_comm_type="p2p"), r"cp_comm_type='p2p' is not supported by SDPAttention"),
+        # a config that asks for CP while the process group has none
+        (dict(context_parallel_size=2), r"context_parallel_size=2 in the config, but the context-parallel "
+                                        r"process group has 1 ranks"),
+    ],
+)
+def test_attention_refuses_what_the_exchange_cannot_do(override, match):
+    with pytest.raises(ValueError, match=match):
+        mst_full_gpt(tiny_config(**override))
+
+
+@pytest.mark.usefixtures("one_rank")
+def test_exchange_refuses_odd_shards():
+    from mst_megatron.ops.context_parallel import heads_to_sequence, sequence_to_heads
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_context_parallel_group()
+    with pytest.raises(ValueError, match=r"local sequence length \(two chunks per rank\) \(7\) must be divisible"):
+        sequence_to_heads(torch.zeros(7, 1, 2, 4), group)
+    with pytest.raises(ValueError, match=r"expected a \[s, b, heads, d\] tensor"):
+        heads_to_sequence(torch.zeros(8, 2, 4), group)
