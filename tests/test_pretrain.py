@@ -1,7 +1,7 @@
 """The pretraining pipeline end to end on a tiny corpus: tokenizer, preprocessing, 2-rank torchrun
 training (TP=2, MST) with validation and checkpoints, exact resume, MST <-> stock megatron-core
-checkpoint loading, SIGTERM, the distributed optimizer with bf16, and the bad-input errors. Six
-torchrun launches in all.
+checkpoint loading, SIGTERM, the distributed optimizer with bf16, context parallelism (CP=2), and
+the bad-input errors. Seven torchrun launches in all.
 """
 
 import importlib.util
@@ -172,6 +172,17 @@ def test_distributed_optimizer_bf16_trains_and_resumes_exactly(corpus):
         assert _rel(resumed[i], steps[i]) <= 1e-6, (i, resumed[i], steps[i])
 
 
+def test_context_parallel_trains_like_tensor_parallel(corpus, uninterrupted):
+    """Run G: CP=2 (each rank holds two of four chunks of every sequence, megatron's layout) from
+    scratch: step by step the losses of run A (TP=2), the same model, weights and data sharded
+    another way."""
+    out, steps, valid = _train(corpus, "--context-parallel-size", "2", tp=1)
+    assert "TP=1 PP=1 CP=2 DP=1" in out
+    assert sorted(steps) == list(range(1, 9)) and valid[8] < valid[0] - 0.3, valid
+    for i, loss in steps.items():
+        assert _rel(loss, uninterrupted["steps"][i]) <= 1e-5, (i, loss, uninterrupted["steps"][i])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -179,7 +190,12 @@ def test_distributed_optimizer_bf16_trains_and_resumes_exactly(corpus):
         (dict(tokenizer="small_tokenizer"), r"holds token id \d+, but --tokenizer-model has \d+ tokens"),
         (dict(extra=["--seq-length", "256"]), r"--seq-length 256 exceeds the model's max_position_embeddings \(128\)"),
         (dict(extra=["--tensor-model-parallel-size", "3"]), r"world size 2 is not divisible by --tensor-model-parallel"),
-        (dict(extra=["--context-parallel-size", "2"]), r"--context-parallel-size 2: context parallelism is not"),
+        (dict(extra=["--context-parallel-size", "2", "--seq-length", "66"]),
+         r"--context-parallel-size 2: --seq-length 66 must be divisible by 2 x --context-parallel-size = 4"),
+        (dict(extra=["--context-parallel-size", "2", "--no-mst"]), r"--context-parallel-size 2 needs MST's attention"),
+        (dict(extra=["--context-parallel-size", "2", "--num-attention-heads", "6",
+                     "--num-query-groups", "3", "--hidden-size", "96"]),
+         r"the key/value groups per tensor-parallel rank \(num_query_groups 3 / --tensor-model-parallel-size 1 = 3\)"),
         # megatron-core would loop forever building a split that holds no document
         (dict(extra=["--split", "949,50,1"]), r"the test share of --data-path \S+ \(\d+ documents\) holds no document"),
     ],

@@ -125,7 +125,14 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     _require(args.tokenizer_model is not None, "--tokenizer-model is required (see tools/train_tokenizer.py)")
 
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    _require(cp == 1, f"--context-parallel-size {cp}: context parallelism is not supported yet; use 1")
+    if cp > 1:
+        # megatron's load-balanced layout cuts every sequence into 2 x CP equal chunks.
+        _require(args.seq_length % (2 * cp) == 0,
+                 f"--context-parallel-size {cp}: --seq-length {args.seq_length} must be divisible by "
+                 f"2 x --context-parallel-size = {2 * cp} (megatron's load-balanced sequence layout)")
+        _require(not args.no_mst,
+                 f"--context-parallel-size {cp} needs MST's attention: megatron-core's local spec "
+                 "(--no-mst) has no context parallelism without Transformer Engine; drop --no-mst")
     _require(
         world_size % (tp * pp * cp) == 0,
         f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
@@ -141,9 +148,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     args.num_microbatches = args.global_batch_size // per_step
     if args.sequence_parallel:
         _require(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
-        _require(args.seq_length % tp == 0,
+        _require(args.seq_length % (tp * cp) == 0,
                  f"--sequence-parallel: --seq-length {args.seq_length} must be divisible by "
-                 f"--tensor-model-parallel-size {tp}")
+                 f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp}")
 
     args.virtual_pipeline_model_parallel_size = None
     if args.num_layers_per_virtual_pipeline_stage is not None:
@@ -171,6 +178,16 @@ def check_shape(args: argparse.Namespace, shape) -> None:
     for name in ("num_attention_heads", "num_query_groups"):
         _require(getattr(shape, name) % tp == 0,
                  f"the model's {name} ({getattr(shape, name)}) is not divisible by --tensor-model-parallel-size {tp}")
+    cp = args.context_parallel_size
+    if cp > 1:  # the all-to-all around attention trades sequence shards for head shards
+        heads, groups = shape.num_attention_heads // tp, shape.num_query_groups // tp
+        _require(heads % cp == 0,
+                 f"--context-parallel-size {cp}: the attention heads per tensor-parallel rank (num_attention_heads "
+                 f"{shape.num_attention_heads} / --tensor-model-parallel-size {tp} = {heads}) must be divisible by it")
+        _require(groups % cp == 0 or cp % groups == 0,
+                 f"--context-parallel-size {cp}: the key/value groups per tensor-parallel rank (num_query_groups "
+                 f"{shape.num_query_groups} / --tensor-model-parallel-size {tp} = {groups}) must be divisible by "
+                 "it or divide it")
     _require(shape.num_layers % pp == 0,
              f"the model's num_layers ({shape.num_layers}) is not divisible by --pipeline-model-parallel-size {pp}")
     per_virtual = args.num_layers_per_virtual_pipeline_stage

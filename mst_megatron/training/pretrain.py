@@ -137,8 +137,16 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    """megatron's ``forward_step_func``: one micro-batch through one model chunk."""
+    """megatron's ``forward_step_func``: one micro-batch through one model chunk.
+
+    Under context parallelism this rank keeps its shard of the sequence in megatron's load-balanced
+    layout (chunks ``r`` and ``2 * CP - 1 - r`` of ``2 * CP``); the loss sums over that shard and
+    megatron's schedule and DDP average it over DP x CP.
+    """
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
     batch = {k: v.to(_device(), non_blocking=True) for k, v in next(data_iterator).items()}
+    batch = get_batch_on_this_cp_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 
@@ -356,7 +364,8 @@ class Plan:
         return (
             f"model {a.model_config}: {self.shape.parameter_count(self.vocab_size) / 1e6:,.2f}M parameters, "
             f"vocab {self.vocab_size} (tokenizer {self.tokenizer.vocab_size}) | {mst} | "
-            f"TP={a.tensor_model_parallel_size} PP={a.pipeline_model_parallel_size} DP={a.data_parallel_size} | "
+            f"TP={a.tensor_model_parallel_size} PP={a.pipeline_model_parallel_size} CP={a.context_parallel_size} "
+            f"DP={a.data_parallel_size} | "
             f"{a.global_batch_size} x {a.seq_length} tokens per step, {a.num_microbatches} micro-batches | "
             f"{'bf16' if a.bf16 else 'fp32'} on {'CUDA' if torch.cuda.is_available() else 'CPU'} | "
             f"train {len(train_ds)} samples, valid {0 if valid_ds is None else len(valid_ds)} samples"
