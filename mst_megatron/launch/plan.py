@@ -163,8 +163,7 @@ def suggest(shape, nodes: int, gpus_per_node: int, seq_length: int, gpu_memory_g
     if seq_length < 1 or gpu_memory_gib <= 0 or not 0 <= reserve < 1:
         raise LaunchError(f"need --seq-length >= 1 (got {seq_length}), --gpu-memory-gib > 0 (got "
                           f"{gpu_memory_gib}) and 0 <= --reserve < 1 (got {reserve})")
-    if tp or pp or cp:
-        check_layout(nodes, gpus_per_node, tp or 1, pp or 1, cp or 1)
+    check_layout(nodes, gpus_per_node, tp or 1, pp or 1, cp or 1)  # the cluster, and any pinned sizes
     candidates = candidate_layouts(shape, nodes, gpus_per_node, seq_length, tp, pp, cp)
     if not candidates:
         raise LaunchError(
