@@ -39,7 +39,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,20 +56,11 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 def make_config(shape, dtype, **overrides):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from mst_megatron.specs.llama_config import llama_transformer_config
 
-    return TransformerConfig(
+    return llama_transformer_config(
         num_layers=1,
         **shape,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,
@@ -80,19 +70,13 @@ def make_config(shape, dtype, **overrides):
     )
 
 
-def build_mlp(config, mlp_mini_sequences):
+def build_mlp(config, mlp_mini_sequences=None):
     """megatron's ``MLP`` when ``mlp_mini_sequences`` is None, else ``MiniSequenceMLP``."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+    from megatron.core.transformer.spec_utils import build_module
 
-    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    if mlp_mini_sequences is None:
-        spec = ModuleSpec(MLP, submodules=submodules, params={"ffn_hidden_size": config.ffn_hidden_size})
-    else:
-        spec = ModuleSpec(mst_megatron.MiniSequenceMLP, submodules=submodules,
-                          params={"mlp_mini_sequences": mlp_mini_sequences})
-    return build_module(spec, config=config)
+    from mst_megatron.specs.gpt_layer_specs import get_mlp_spec
+
+    return build_module(get_mlp_spec(config, mlp_mini_sequences), config=config)
 
 
 def build_layer(config, mlp_mini_sequences):

@@ -1,13 +1,13 @@
 """Tiny Llama-shaped megatron-core models shared by the tests."""
 
 import torch
-import torch.nn.functional as F
 
 
 def tiny_config(**overrides):
     """RMSNorm, SwiGLU, RoPE, grouped-query attention, fp32: a 2-layer Llama in miniature."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core import parallel_state as ps
+
+    from mst_megatron.specs.llama_config import llama_transformer_config
 
     kwargs = dict(
         num_layers=2,
@@ -15,29 +15,18 @@ def tiny_config(**overrides):
         ffn_hidden_size=160,
         num_attention_heads=4,
         num_query_groups=2,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
         use_cpu_initialization=True,
         params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         context_parallel_size=ps.get_context_parallel_world_size(),
         virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return llama_transformer_config(**kwargs)
 
 
 def _gpt(model_cls, config, layer_spec, vocab_size, seq_length, tied, vp_stage, **extra):

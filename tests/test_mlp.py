@@ -19,17 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_rank")
 
 def build(config, mlp_mini_sequences=None):
     """Stock ``MLP`` when ``mlp_mini_sequences`` is None, else ``MiniSequenceMLP``, via their specs."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+    from megatron.core.transformer.spec_utils import build_module
 
-    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    if mlp_mini_sequences is None:
-        spec = ModuleSpec(MLP, submodules=submodules, params={"ffn_hidden_size": config.ffn_hidden_size})
-    else:
-        spec = ModuleSpec(mst_megatron.MiniSequenceMLP, submodules=submodules,
-                          params={"mlp_mini_sequences": mlp_mini_sequences})
-    return build_module(spec, config=config)
+    from mst_megatron.specs.gpt_layer_specs import get_mlp_spec
+
+    return build_module(get_mlp_spec(config, mlp_mini_sequences), config=config)
 
 
 def mlp_config(gated, bias, **kw):

@@ -22,7 +22,7 @@ from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -33,7 +33,7 @@ from mst_megatron.modules.mlp import MiniSequenceMLP
 from mst_megatron.modules.norm import NORMS
 from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
 
-__all__ = ["get_gpt_mst_layer_spec", "get_gpt_mst_block_spec"]
+__all__ = ["get_gpt_mst_layer_spec", "get_gpt_mst_block_spec", "get_mlp_spec"]
 
 BACKENDS = ("local",)
 
@@ -80,10 +80,7 @@ def get_gpt_mst_layer_spec(
                 module=MiniSequenceMLP,
                 # TransformerLayer gives an MLP subclass only `config`: the rest travels here.
                 params={"mlp_mini_sequences": mlp_mini_sequences},
-                submodules=MLPSubmodules(
-                    linear_fc1=linears.column_parallel_linear(),
-                    linear_fc2=linears.row_parallel_linear(),
-                ),
+                submodules=_mlp_submodules(linears),
             ),
             mlp_bda=get_bias_dropout_add,
             # Same sharded-checkpoint keys as the local spec (which maps to TE's fused names).
@@ -114,6 +111,21 @@ def get_gpt_mst_block_spec(
     layer = get_gpt_mst_layer_spec(mlp_mini_sequences, normalization, qk_layernorm, backend)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_norm(normalization))
+
+
+def get_mlp_spec(config: TransformerConfig, mlp_mini_sequences: Optional[ChunkCount] = AUTO) -> ModuleSpec:
+    """A standalone MLP spec (to ``build_module`` outside a layer): ``MiniSequenceMLP``, or megatron's
+    own ``MLP`` with the same linears when ``mlp_mini_sequences`` is None (the reference MST is
+    measured and tested against)."""
+    submodules = _mlp_submodules(LocalSpecProvider())
+    if mlp_mini_sequences is None:
+        return ModuleSpec(MLP, submodules=submodules, params={"ffn_hidden_size": config.ffn_hidden_size})
+    return ModuleSpec(MiniSequenceMLP, submodules=submodules,
+                      params={"mlp_mini_sequences": validate_chunk_count(mlp_mini_sequences, "mlp_mini_sequences")})
+
+
+def _mlp_submodules(linears: LocalSpecProvider) -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=linears.column_parallel_linear(), linear_fc2=linears.row_parallel_linear())
 
 
 def _norm(normalization: str) -> type:

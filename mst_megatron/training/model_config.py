@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from mst_megatron.training import SetupError
 
@@ -131,12 +130,11 @@ def transformer_config(shape: ModelShape, **run_options):
     """``TransformerConfig`` for ``shape``; ``run_options`` are TransformerConfig fields that say how
     it runs (parallel sizes, ``sequence_parallel``, ``bf16``, recompute settings, dropout, ...).
 
-    Fused kernels are off: they need Apex or Transformer Engine, which are optional here.
+    Fused kernels are off (see :func:`mst_megatron.specs.llama_config.llama_transformer_config`).
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from mst_megatron.specs.llama_config import llama_transformer_config
 
     bf16 = run_options.get("bf16", False)
-    dtype = torch.bfloat16 if bf16 else torch.float32
     kwargs = dict(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -145,22 +143,10 @@ def transformer_config(shape: ModelShape, **run_options):
         num_query_groups=shape.num_query_groups,
         layernorm_epsilon=shape.norm_epsilon,
         add_qkv_bias=shape.add_qkv_bias,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        cuda_graph_scope=[],  # no CUDA graphs; megatron's default ("full") warns as deprecated
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
     kwargs.update(run_options)
     try:
-        return TransformerConfig(**kwargs)
+        return llama_transformer_config(**kwargs)
     except (AssertionError, ValueError) as e:
         raise SetupError(f"the model config and run options do not fit together: {e}") from None
