@@ -116,21 +116,20 @@ def estimate_memory(shape, seq_length: int, tp: int, pp: int, cp: int, dp: int,
 
     s_cp = seq_length // cp  # tokens on each CP rank; TP ranks share them under SP
     s_local = s_cp // tp
-    sp = tp if tp > 1 else 1
-    mlp_chunks = mlp_mini_sequence_count(mlp_mini_sequences, s_local, sp, h)
+    mlp_chunks = mlp_mini_sequence_count(mlp_mini_sequences, s_local, tp, h)  # SP whenever TP > 1
     mlp_tokens = math.ceil(s_cp / mlp_chunks)
     head_chunks = lm_head_mini_sequence_count(lm_head_mini_sequences, s_cp, vocab, h)
     head_tokens = math.ceil(s_cp / head_chunks)
     kv = 2 * shape.num_query_groups * (h // shape.num_attention_heads)
-    layer = s_cp * (h + (h + kv) / tp + h / tp + (2 * kv / tp if cp > 1 else 0)) * BF16
-    layer += mlp_tokens * (h + 3 * ffn / tp) * BF16 + 4 * s_local * h * BF16  # MLP chunk; residual stream
-    head = s_cp * h * BF16 + head_tokens * vocab / tp * FP32
+    layer_set = s_cp * (h + (h + kv) / tp + h / tp + (2 * kv / tp if cp > 1 else 0)) * BF16
+    layer_set += mlp_tokens * (h + 3 * ffn / tp) * BF16 + 4 * s_local * h * BF16  # MLP chunk; residual stream
+    head_set = s_cp * h * BF16 + head_tokens * vocab / tp * FP32
     memory = {
         "weights": params * BF16,
         "gradients": params * FP32,
         "optimizer": params * 3 * FP32 / optimizer_shards,
         "stored layer inputs": L * s_local * h * BF16,
-        "working set": 2 * max(layer, head),
+        "working set": 2 * max(layer_set, head_set),  # each tensor and its gradient
     }
     return Layout(tp, pp, cp, dp, mlp_chunks, mlp_tokens, head_chunks, head_tokens, memory)
 
