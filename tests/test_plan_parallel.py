@@ -19,12 +19,13 @@ def llama3_8b():
     return load_model_shape("llama3-8b", CONFIGS)
 
 
-def test_cli_prints_layout_mst_counts_memory_and_flags():
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "plan_parallel.py"), "--config", "llama3-8b", "--nodes", "1",
-           "--gpus-per-node", "8", "--seq-length", "131072", "--gpu-memory-gib", "80"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+def test_cli_prints_layout_mst_counts_memory_and_flags(capsys):
+    from mst_megatron.launch.plan import main
+
+    argv = ["--config", "llama3-8b", "--nodes", "1", "--gpus-per-node", "8", "--seq-length", "131072",
+            "--gpu-memory-gib", "80"]
+    assert main(argv, CONFIGS) == 0
+    out = capsys.readouterr().out
     assert "suggested: TP=2 (within a node) PP=1 CP=1 DP=4, sequence parallel on" in out, out
     # Llama-3-8B: auto MLP chunks of h = 4096 tokens; head ceil(128256 / 4096) = 32 chunks
     assert "mlp_mini_sequences=auto -> 32 chunks of 4096 tokens; lm_head_mini_sequences=auto -> 32 chunks" in out
@@ -32,6 +33,17 @@ def test_cli_prints_layout_mst_counts_memory_and_flags():
     flags = out.split("flags: ")[1].splitlines()[0].split()
     assert flags[:2] == ["--max-position-embeddings", "131072"]  # the config says 8192
     assert "--sequence-parallel" in flags and flags[flags.index("--tensor-model-parallel-size") + 1] == "2"
+
+
+def test_cli_bad_input_is_one_line_and_exit_2():
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "plan_parallel.py"), "--config", "llama3-8b", "--nodes", "3",
+           "--gpus-per-node", "8", "--seq-length", "131072", "--gpu-memory-gib", "80",
+           "--tensor-model-parallel-size", "8", "--context-parallel-size", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("plan_parallel.py: error: 3 nodes x 8 GPUs = 24 GPUs is not divisible by "
+                             "--tensor-model-parallel-size (8) x --pipeline-model-parallel-size (1) x "
+                             "--context-parallel-size (2) = 16\n")
 
 
 def test_memory_terms(llama3_8b):
