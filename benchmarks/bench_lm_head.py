@@ -259,7 +259,7 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="bf16 weight and hidden state (default fp32)")
     p.add_argument("--mini-sequences", nargs="+", default=["auto"],
-                   help="MST chunk counts to compare, each an int or 'auto' (ceil(V/h))")
+                   help="MST chunk counts to compare, each an int or 'auto' (chunks of about h tokens)")
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed rounds besides the memory-tracked run, which is every step's first")
     p.add_argument("--repeats", type=int, default=3)

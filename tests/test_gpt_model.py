@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mst_megatron.ops.linear_cross_entropy import DEFAULT_VOCAB_TILE
 from tests.multirank import run_on_ranks
 
 VOCAB = 256
@@ -191,8 +192,9 @@ def test_one_rank_matches_stock_ddp_bf16_logits_and_errors():
     run_on_ranks(_one_rank_body, 1)
 
 
-def _sequence_parallel_head(mini_sequences):
-    """Head level under TP=2 + SP: stock's own SP output layer + cross-entropy vs the MST head.
+def _sequence_parallel_head(mini_sequences, vocab_tile):
+    """Head level under TP=2 + SP: stock's own SP output layer + cross-entropy vs the MST head
+    (``vocab_tile`` columns per logits tile).
 
     (A whole stock model cannot run SP here: the local spec's WrappedTorchNorm refuses it.)
     """
@@ -212,7 +214,7 @@ def _sequence_parallel_head(mini_sequences):
     stock = head()
     mst = head()
     mst.load_state_dict(stock.state_dict())
-    MiniSequenceLMHead.adopt(mst, mini_sequences)
+    MiniSequenceLMHead.adopt(mst, mini_sequences).vocab_tile = vocab_tile
     _, _, labels, weights = batch(seed=1, s=S + 1)  # SP needs s divisible by TP
     hidden = torch.randn(S + 1, B, config.hidden_size, generator=torch.Generator().manual_seed(2))
     shard = hidden.chunk(2)[get_tensor_model_parallel_rank()]
@@ -229,7 +231,7 @@ def _sequence_parallel_head(mini_sequences):
 
     ref = run(stock, stock_loss)
     got = run(mst, lambda layer, x: layer(x, labels=labels)[0])
-    case = f"TP=2+SP head M={mini_sequences}"
+    case = f"TP=2+SP head M={mini_sequences} vocab tile {vocab_tile}"
     for what, actual, expected, tol in zip(
         ("loss", "hidden shard grad", "head weight grad"), got, ref, (LOSS_TOL, GRAD_TOL, GRAD_TOL)
     ):
@@ -256,7 +258,8 @@ def _tensor_parallel_body():
     gathered = stock(tokens, positions, None, labels=labels, runtime_gather_output=True)
     assert_close("stock TP=2 gathered", "loss - log 2", gathered - math.log(2), parallel, LOSS_TOL)
     for m in MINI_SEQUENCES:
-        _sequence_parallel_head(m)
+        for vocab_tile in (DEFAULT_VOCAB_TILE, 48):  # one tile per shard of 128; tiles of 48, 48, 32
+            _sequence_parallel_head(m, vocab_tile)
     parallel_state.destroy_model_parallel()
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
+from mst_megatron.ops.linear_cross_entropy import DEFAULT_VOCAB_TILE, linear_cross_entropy
 from tests.multirank import run_on_ranks
 
 aten = torch.ops.aten
@@ -33,10 +33,10 @@ def reference(hidden, weight, labels, grad_out):
     return loss.detach(), h.grad, w.grad
 
 
-def run_op(hidden, weight, labels, grad_out, num_chunks, tp_group=None):
+def run_op(hidden, weight, labels, grad_out, num_chunks, tp_group=None, vocab_tile=DEFAULT_VOCAB_TILE):
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    loss = linear_cross_entropy(h, w, labels, num_chunks, tp_group=tp_group)
+    loss = linear_cross_entropy(h, w, labels, num_chunks, tp_group=tp_group, vocab_tile=vocab_tile)
     loss.backward(grad_out)
     return loss.detach(), h.grad, w.grad
 
@@ -50,10 +50,11 @@ def rel_err(actual, expected):
 T_FP32 = 29  # prime: no chunk count in {2, 7} divides it
 
 
+@pytest.mark.parametrize("vocab_tile", [DEFAULT_VOCAB_TILE, 7, 1])  # one tile; 8 tiles, the last 1 wide; 50
 @pytest.mark.parametrize("num_chunks", [1, 2, 7, T_FP32])
-def test_fp32_matches_full_logits(num_chunks):
+def test_fp32_matches_full_logits(num_chunks, vocab_tile):
     hidden, weight, labels, grad_out = make_inputs(T_FP32, 50, 16)
-    loss, dh, dw = run_op(hidden, weight, labels, grad_out, num_chunks)
+    loss, dh, dw = run_op(hidden, weight, labels, grad_out, num_chunks, vocab_tile=vocab_tile)
     ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
     assert loss.dtype == torch.float32 and loss.shape == (T_FP32,)
     assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
@@ -74,7 +75,7 @@ def test_single_token():
 
 def test_bf16_matches_fp32_reference_of_rounded_inputs():
     hidden, weight, labels, grad_out = make_inputs(37, 64, 32, dtype=torch.bfloat16)
-    loss, dh, dw = run_op(hidden, weight, labels, grad_out, 5)
+    loss, dh, dw = run_op(hidden, weight, labels, grad_out, 5, vocab_tile=16)
     ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
     assert loss.dtype == torch.float32
     assert dh.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
@@ -84,6 +85,7 @@ def test_bf16_matches_fp32_reference_of_rounded_inputs():
     # to ~5e-3 relative), one bf16 rounding of (softmax - onehot) * grad and one of each gradient GEMM
     # output: a few 1e-3 of the max gradient. Measured over 5 seeds: loss <= 8e-4, dh and dW <= 6e-3;
     # the bounds leave ~3x headroom. Bugs (wrong target, wrong scaling, a dropped chunk) give O(1).
+    # The 4 vocab tiles' gradient terms are summed in fp32, so tiling adds no bf16 rounding.
     assert rel_err(loss, ref_loss) <= 3e-3
     assert rel_err(dh, ref_dh) <= 1.5e-2
     assert rel_err(dw, ref_dw) <= 1.5e-2
@@ -111,17 +113,17 @@ class OpCounter(TorchDispatchMode):
 @pytest.mark.parametrize("frozen", ["weight", "hidden", "none"])
 def test_gemm_count_and_no_host_sync(frozen):
     """A frozen head does no weight-gradient GEMM; frozen inputs do no dh GEMM; nothing syncs."""
-    num_chunks = 4
+    num_chunks, vocab_tile, num_tiles = 4, 8, 4  # V=30: tiles of 8, 8, 8, 6
     hidden, weight, labels, grad_out = make_inputs(23, 30, 8)
     h = hidden.clone().requires_grad_(frozen != "hidden")
     w = weight.clone().requires_grad_(frozen != "weight")
     with OpCounter() as fwd:
-        loss = linear_cross_entropy(h, w, labels, num_chunks)
+        loss = linear_cross_entropy(h, w, labels, num_chunks, vocab_tile=vocab_tile)
     with OpCounter() as bwd:
         loss.backward(grad_out)
-    assert fwd.gemms == num_chunks
-    # recompute + dh + dW per chunk, minus the one whose input is frozen
-    assert bwd.gemms == num_chunks * (2 if frozen != "none" else 3)
+    assert fwd.gemms == num_chunks * num_tiles
+    # recompute + dh + dW per chunk and tile, minus the one whose input is frozen
+    assert bwd.gemms == num_chunks * num_tiles * (2 if frozen != "none" else 3)
     assert fwd.syncs == [] and bwd.syncs == []
 
     ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
@@ -169,6 +171,8 @@ def _bad(hidden=(4, 2), weight=(5, 2), labels=(4,), num_chunks=1, hidden_dtype=t
         (_bad(num_chunks=5), "num_chunks"),
         (_bad(num_chunks=2.0), "num_chunks"),
         (_bad(num_chunks=True), "num_chunks"),
+        (_bad() + (None, 0), "vocab_tile"),
+        (_bad() + (None, 2.0), "vocab_tile"),
     ],
 )
 def test_input_checks_name_the_argument(args, match):
@@ -200,8 +204,13 @@ def test_memory_peak_far_below_full_logits():
     def full():
         F.cross_entropy(hidden @ weight.t(), labels, reduction="none").backward(grad_out)
 
+    def mst_tiled():
+        linear_cross_entropy(hidden, weight, labels, num_chunks, vocab_tile=V // 8).backward(grad_out)
+
     inputs = (hidden, weight, labels, grad_out)
     mst_extra = peak_extra_bytes(mst, *inputs)
+    hidden.grad = weight.grad = None
+    tiled_extra = peak_extra_bytes(mst_tiled, *inputs)
     hidden.grad = weight.grad = None
     ref_extra = peak_extra_bytes(full, *inputs)
     print(
@@ -211,6 +220,9 @@ def test_memory_peak_far_below_full_logits():
     # What MST may hold: dW (V*h fp32, an output), dh, one chunk of logits, per-token vectors.
     assert mst_extra < 0.25 * full_logits_bytes
     assert ref_extra > full_logits_bytes
+    # Eighth-width tiles hold an eighth of a chunk's logits: at least half a chunk less at the peak.
+    chunk_logits_bytes = full_logits_bytes // num_chunks
+    assert tiled_extra <= mst_extra - chunk_logits_bytes // 2, (tiled_extra, mst_extra)
 
 
 TP_T, TP_V, TP_H = 13, 40, 8
@@ -227,11 +239,13 @@ def _tp_body(num_chunks_list):
     v_local = TP_V // world
     shard = slice(rank * v_local, (rank + 1) * v_local)
     for num_chunks in num_chunks_list:
-        loss, dh, dw = run_op(hidden, weight[shard], labels, grad_out, num_chunks, dist.group.WORLD)
-        dist.all_reduce(dh)  # the caller's region function does this in the model
-        assert rel_err(loss, ref_loss) <= 1e-5, num_chunks
-        assert rel_err(dw, ref_dw[shard]) <= 1e-4, num_chunks
-        assert rel_err(dh, ref_dh) <= 1e-4, num_chunks
+        for vocab_tile in (DEFAULT_VOCAB_TILE, 3):  # 3: tiles of 3 over a shard of 20, the last 2 wide
+            loss, dh, dw = run_op(hidden, weight[shard], labels, grad_out, num_chunks, dist.group.WORLD, vocab_tile)
+            dist.all_reduce(dh)  # the caller's region function does this in the model
+            case = (num_chunks, vocab_tile)
+            assert rel_err(loss, ref_loss) <= 1e-5, case
+            assert rel_err(dw, ref_dw[shard]) <= 1e-4, case
+            assert rel_err(dh, ref_dh) <= 1e-4, case
 
 
 def test_tensor_parallel_two_ranks():

@@ -19,7 +19,7 @@ The memory model is an estimate on paper, not a measurement. Its assumptions:
 * on top of that, the larger of two working sets: one layer's recompute with flash attention (its
   SP-gathered input, QKV, attention output, the ring-attention key/value buffers under CP, one MST
   chunk of the MLP, each with its gradient), or the MST LM head (its SP-gathered input and one chunk
-  of fp32 logits, each with its gradient);
+  of fp32 logits, one vocabulary tile wide, each with its gradient);
 * no allowance for the allocator's fragmentation, communication buffers or the CUDA context: that
   is what ``reserve`` (a share of the GPU kept free) is for.
 """
@@ -102,6 +102,7 @@ def estimate_memory(shape, seq_length: int, tp: int, pp: int, cp: int, dp: int,
     import_megatron_quietly()
     from mst_megatron.modules.lm_head import lm_head_mini_sequence_count
     from mst_megatron.modules.mlp import mlp_mini_sequence_count
+    from mst_megatron.ops.linear_cross_entropy import DEFAULT_VOCAB_TILE
     from mst_megatron.training.model_config import padded_vocab_size
 
     h, L, ffn = shape.hidden_size, shape.num_layers, shape.ffn_hidden_size
@@ -118,12 +119,12 @@ def estimate_memory(shape, seq_length: int, tp: int, pp: int, cp: int, dp: int,
     s_local = s_cp // tp
     mlp_chunks = mlp_mini_sequence_count(mlp_mini_sequences, s_local, tp, h)  # SP whenever TP > 1
     mlp_tokens = math.ceil(s_cp / mlp_chunks)
-    head_chunks = lm_head_mini_sequence_count(lm_head_mini_sequences, s_cp, vocab, h)
+    head_chunks = lm_head_mini_sequence_count(lm_head_mini_sequences, s_cp, h)
     head_tokens = math.ceil(s_cp / head_chunks)
     kv = 2 * shape.num_query_groups * (h // shape.num_attention_heads)
     layer_set = s_cp * (h + (h + kv) / tp + h / tp + (2 * kv / tp if cp > 1 else 0)) * BF16
     layer_set += mlp_tokens * (h + 3 * ffn / tp) * BF16 + 4 * s_local * h * BF16  # MLP chunk; residual stream
-    head_set = s_cp * h * BF16 + head_tokens * vocab / tp * FP32
+    head_set = s_cp * h * BF16 + head_tokens * min(vocab // tp, DEFAULT_VOCAB_TILE) * FP32  # one logits tile
     memory = {
         "weights": params * BF16,
         "gradients": params * FP32,

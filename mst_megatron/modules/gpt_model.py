@@ -20,8 +20,9 @@ class MSTGPTModel(GPTModel):
     """``GPTModel`` with a mini-sequence LM head + vocab-parallel cross-entropy.
 
     Args: those of ``GPTModel``, plus
-        lm_head_mini_sequences: int >= 1, or ``"auto"`` (default): ``ceil(vocab_size / hidden_size)``
-            chunks, so one chunk of logits ``[s*b/M, V/TP]`` is about the size of the hidden state.
+        lm_head_mini_sequences: int >= 1, or ``"auto"`` (default): chunks of about ``hidden_size``
+            tokens, each run in 8192-column vocabulary tiles, so the logits alive at once are one
+            ``[s*b/M, 8192]`` fp32 block (see :class:`~mst_megatron.modules.lm_head.MiniSequenceLMHead`).
             Derived from global shapes (the same on every TP/SP/CP rank), clamped to the token count.
 
     ``forward`` keeps the stock contract. With ``labels`` ``[b, s]``: the per-token loss ``[b, s]`` in

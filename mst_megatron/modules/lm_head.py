@@ -3,9 +3,9 @@ per-token loss without ever holding the logits.
 
 Stock ``GPTModel`` computes ``[s, b, V/TP]`` logits and then the vocab-parallel cross-entropy (which
 keeps an fp32 softmax of the same size). With labels, this head instead runs
-:func:`mst_megatron.ops.linear_cross_entropy.linear_cross_entropy`: one chunk of logits
-``[T/M, V/TP]`` alive at a time in forward and in backward (backward recomputes each chunk: one extra
-logits GEMM). Without labels it is the stock layer, bit for bit.
+:func:`mst_megatron.ops.linear_cross_entropy.linear_cross_entropy`: at most one tile of one chunk of
+logits (``[T/M, 8192]`` of the ``[T, V/TP]``) alive at a time in forward and in backward (backward
+recomputes it: one extra logits GEMM). Without labels it is the stock layer, bit for bit.
 
 The chunk loop runs inside this module's ``forward`` so that megatron DDP's overlapped parameter
 all-gather, which waits in a forward pre-hook of the module that owns the weight, has finished before
@@ -14,7 +14,6 @@ so parameters, their attributes (tied-embedding and DDP marks), ``state_dict`` a
 ``sharded_state_dict`` keys are the stock ones.
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -25,8 +24,8 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
-from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
+from mst_megatron.ops.chunking import AUTO, ChunkCount, resolve_chunk_count, validate_chunk_count
+from mst_megatron.ops.linear_cross_entropy import DEFAULT_VOCAB_TILE, linear_cross_entropy
 
 __all__ = ["MiniSequenceLMHead", "check_head_options", "lm_head_mini_sequence_count"]
 
@@ -45,23 +44,26 @@ def check_head_options(config: TransformerConfig, mini_sequences: ChunkCount) ->
     return mini_sequences
 
 
-def lm_head_mini_sequence_count(mini_sequences: ChunkCount, num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+def lm_head_mini_sequence_count(mini_sequences: ChunkCount, num_tokens: int, hidden_size: int) -> int:
     """The head's chunk rule from plain numbers (the parallel-size planner uses it too): ``"auto"`` is
-    ``ceil(vocab_size / hidden_size)`` (global sizes), clamped to ``num_tokens``."""
-    count = math.ceil(vocab_size / hidden_size) if mini_sequences == AUTO else mini_sequences
-    return min(count, num_tokens)
+    chunks of about ``hidden_size`` tokens, ``ceil(num_tokens / hidden_size)``; clamped to ``num_tokens``."""
+    return resolve_chunk_count(mini_sequences, PARAM, num_tokens, auto_tokens_per_chunk=hidden_size)
 
 
 class MiniSequenceLMHead(ColumnParallelLinear):
     """``ColumnParallelLinear`` whose ``forward(..., labels=...)`` returns the per-token loss ``[b, s]``.
 
-    ``mini_sequences``: int >= 1, or ``"auto"``: ``ceil(vocab / hidden)`` chunks, so one chunk of
-    logits (``T/M x V``) is about the size of the hidden state (``T x h``). The count depends only on
-    global shapes (vocab, hidden, and the token count after the sequence-parallel gather), so every
-    rank of the TP group runs the same chunks; it is clamped to the token count.
+    ``mini_sequences``: int >= 1, or ``"auto"``: chunks of about ``hidden_size`` tokens, long enough
+    for the logits GEMMs to run at full speed (each chunk streams the whole weight once). Within a
+    chunk the vocabulary shard goes in tiles of ``DEFAULT_VOCAB_TILE`` (8192) columns, so the logits
+    alive at once are one ``[T/M, 8192]`` fp32 block (32 MiB at ``h = 1024``) whatever the vocabulary.
+    The count depends only on global shapes (hidden size and the token count after the
+    sequence-parallel gather), so every rank of the TP group runs the same chunks; it is clamped to the
+    token count.
     """
 
     mini_sequences: ChunkCount  # set by adopt()
+    vocab_tile: int = DEFAULT_VOCAB_TILE  # vocabulary columns per logits tile
 
     @classmethod
     def adopt(cls, layer: ColumnParallelLinear, mini_sequences: ChunkCount = AUTO) -> "MiniSequenceLMHead":
@@ -81,7 +83,7 @@ class MiniSequenceLMHead(ColumnParallelLinear):
 
     def num_chunks(self, num_tokens: int) -> int:
         """Mini-sequences for ``num_tokens`` tokens (every token of the TP group's sequence)."""
-        return lm_head_mini_sequence_count(self.mini_sequences, num_tokens, self.output_size, self.input_size)
+        return lm_head_mini_sequence_count(self.mini_sequences, num_tokens, self.input_size)
 
     def forward(
         self,
@@ -120,6 +122,7 @@ class MiniSequenceLMHead(ColumnParallelLinear):
             labels.t().reshape(s * b),
             self.num_chunks(s * b),
             tp_group=self.tp_group,
+            vocab_tile=self.vocab_tile,
         )
         return loss.view(s, b).t().contiguous()
 

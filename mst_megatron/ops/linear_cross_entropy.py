@@ -16,7 +16,11 @@ import torch.distributed as dist
 
 from mst_megatron.ops.chunking import chunk_sizes
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "DEFAULT_VOCAB_TILE"]
+
+# Vocabulary columns per logits tile: with chunks of ~1K tokens a tile is 32 MiB in fp32, small next to
+# the weight, and wide enough that the tile GEMMs run at full speed.
+DEFAULT_VOCAB_TILE = 8192
 
 
 def _tp_rank_and_size(tp_group) -> tuple:
@@ -33,14 +37,34 @@ def _local_targets(labels_c: torch.Tensor, vocab_start: int, vocab_local: int):
     return local.masked_fill(~in_range, 0).unsqueeze(1), in_range
 
 
+def _vocab_tiles(vocab_local: int, vocab_tile: int) -> List[tuple]:
+    """``(start, end)`` column ranges of at most ``vocab_tile`` columns covering this rank's shard."""
+    return [(v, min(v + vocab_tile, vocab_local)) for v in range(0, vocab_local, vocab_tile)]
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in fp32 whatever the dtype of ``a`` and ``b``."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Chunked ``logsumexp(h W^T) - (h W^T)[label]`` with recompute-in-backward."""
+    """Chunked ``logsumexp(h W^T) - (h W^T)[label]`` with recompute-in-backward.
+
+    Tokens go in ``sizes`` chunks; within a chunk the vocabulary shard goes in tiles of ``vocab_tile``
+    columns with a running (max, sum of exponentials) per token, so the logits alive at any time are
+    one ``[chunk, tile]`` block. Tiling keeps that block small while chunks stay long enough for
+    efficient GEMMs (each chunk streams the whole weight once).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, sizes: List[int], tp_group):
+    def forward(ctx, hidden, weight, labels, sizes: List[int], vocab_tile: int, tp_group):
         tp_rank, tp_size = _tp_rank_and_size(tp_group)
         vocab_local = weight.shape[0]
         vocab_start = vocab_local * tp_rank
+        tiles = _vocab_tiles(vocab_local, vocab_tile)
         labels = labels.long()
         T = hidden.shape[0]
         lse = torch.empty(T, dtype=torch.float32, device=hidden.device)
@@ -49,26 +73,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         start = 0
         for size in sizes:
             end = start + size
-            # GEMM in the input dtype; softmax statistics in fp32 (the fp32 copy is this chunk's only).
-            logits = torch.mm(hidden[start:end], weight.t()).float()
-            row_max = logits.amax(dim=1)
+            hidden_c, labels_c = hidden[start:end], labels[start:end]
+            row_max = torch.full((size,), -float("inf"), dtype=torch.float32, device=hidden.device)
+            sum_exp = torch.zeros(size, dtype=torch.float32, device=hidden.device)
+            target = torch.zeros(size, dtype=torch.float32, device=hidden.device)
+            for v0, v1 in tiles:
+                # GEMM in the input dtype; softmax statistics in fp32 (the fp32 copy is this tile's only).
+                logits = torch.mm(hidden_c, weight[v0:v1].t()).float()
+                idx, in_range = _local_targets(labels_c, vocab_start + v0, v1 - v0)
+                target += logits.gather(1, idx).squeeze(1).masked_fill_(~in_range, 0.0)
+                new_max = torch.maximum(row_max, logits.amax(dim=1))
+                sum_exp.mul_(row_max.sub_(new_max).exp_()).add_(logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
+                row_max = new_max
+                del logits  # freed before the next GEMM: one tile of logits alive at a time
             if tp_size > 1:
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-            idx, in_range = _local_targets(labels[start:end], vocab_start, vocab_local)
-            target = logits.gather(1, idx).squeeze(1).masked_fill_(~in_range, 0.0)
-            sum_exp = logits.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)
-            # One collective for both sums: off-shard ranks contribute 0 to the target logit.
-            stats = torch.stack((sum_exp, target))
-            if tp_size > 1:
+                global_max = row_max.clone()
+                dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+                sum_exp.mul_(row_max.sub_(global_max).exp_())
+                row_max = global_max
+                # One collective for both sums: off-shard ranks contribute 0 to the target logit.
+                stats = torch.stack((sum_exp, target))
                 dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
-            lse_c = stats[0].log_().add_(row_max)
+                sum_exp, target = stats[0], stats[1]
+            lse_c = sum_exp.log_().add_(row_max)
             lse[start:end] = lse_c
-            loss[start:end] = lse_c - stats[1]
-            del logits  # freed before the next chunk's GEMM: one chunk of logits alive at a time
+            loss[start:end] = lse_c - target
             start = end
 
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.sizes = sizes
+        ctx.tiles = tiles
         ctx.vocab_start = vocab_start
         return loss
 
@@ -76,39 +110,41 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hidden, weight, labels, lse = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        vocab_local = weight.shape[0]
         compute_dtype = hidden.dtype
         grad_loss = grad_loss.float()
 
-        # dh is this rank's partial sum over its vocab shard; the caller reduces it over TP.
+        # dh is this rank's partial sum over its vocab shard; the caller reduces it over TP. Sums over
+        # tiles and chunks run in fp32, so bf16/fp16 heads do not lose small per-tile terms.
         dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
-        # Chunks of dW are summed in fp32 so bf16/fp16 heads do not lose small per-chunk terms.
         dw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
 
         start = 0
         for size in ctx.sizes:
             end = start + size
-            hidden_c = hidden[start:end]
-            # softmax - onehot, scaled per token by the upstream gradient, all in fp32.
-            grad_logits = torch.mm(hidden_c, weight.t()).float()
-            grad_logits.sub_(lse[start:end].unsqueeze(1)).exp_()
-            idx, in_range = _local_targets(labels[start:end], ctx.vocab_start, vocab_local)
-            grad_logits.scatter_add_(1, idx, in_range.to(grad_logits.dtype).neg_().unsqueeze(1))
-            grad_logits.mul_(grad_loss[start:end].unsqueeze(1))
-            grad_logits = grad_logits.to(compute_dtype)
+            hidden_c, labels_c = hidden[start:end], labels[start:end]
+            lse_c, grad_c = lse[start:end].unsqueeze(1), grad_loss[start:end].unsqueeze(1)
+            dh_c = torch.zeros((size, hidden.shape[1]), dtype=torch.float32, device=hidden.device) if need_dh else None
+            for v0, v1 in ctx.tiles:
+                weight_t = weight[v0:v1]
+                # softmax - onehot, scaled per token by the upstream gradient, all in fp32.
+                grad_logits = torch.mm(hidden_c, weight_t.t()).float()
+                grad_logits.sub_(lse_c).exp_()
+                idx, in_range = _local_targets(labels_c, ctx.vocab_start + v0, v1 - v0)
+                grad_logits.scatter_add_(1, idx, in_range.to(grad_logits.dtype).neg_().unsqueeze(1))
+                grad_logits.mul_(grad_c)
+                grad_logits = grad_logits.to(compute_dtype)
+                if need_dh:
+                    _add_product(dh_c, grad_logits, weight_t)
+                if need_dw:
+                    _add_product(dw_acc[v0:v1], grad_logits.t(), hidden_c)
+                del grad_logits  # as in forward: one tile of logits alive at a time
             if need_dh:
-                torch.mm(grad_logits, weight, out=dh[start:end])
-            if need_dw:
-                if dw_acc.dtype == compute_dtype:
-                    dw_acc.addmm_(grad_logits.t(), hidden_c)
-                else:
-                    dw_acc.add_(torch.mm(grad_logits.t(), hidden_c))
-            del grad_logits  # as in forward: one chunk of logits alive at a time
+                dh[start:end] = dh_c
             start = end
 
         # dW is returned once and never also written to weight.grad (that doubled it in earlier MST code).
         dw = dw_acc.to(weight.dtype) if need_dw else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -117,12 +153,14 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     num_chunks: int,
     tp_group: Optional["dist.ProcessGroup"] = None,
+    vocab_tile: int = DEFAULT_VOCAB_TILE,
 ) -> torch.Tensor:
     """hidden [T, h] (any float dtype), weight [V_local, h] (this rank's vocab shard, rows
     V_local*tp_rank ... V_local*(tp_rank+1)-1 of the global vocab), labels [T] int64 global ids.
     Returns the per-token loss [T] in fp32: logsumexp over the GLOBAL vocab minus the target logit.
 
-    The T tokens are processed in ``num_chunks`` near-equal mini-sequences (none dropped); every rank
+    The T tokens are processed in ``num_chunks`` near-equal mini-sequences (none dropped), and each
+    chunk's logits in tiles of at most ``vocab_tile`` vocabulary columns; every rank
     of ``tp_group`` must pass the same ``num_chunks`` and T, since each chunk runs two collectives.
     ``dh`` is this rank's partial (reduce it over TP outside); ``tp_group=None`` means no TP. A label
     outside ``[0, V)`` (e.g. an ignore index) gets target logit 0, as in megatron's
@@ -146,5 +184,7 @@ def linear_cross_entropy(
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int):
         raise TypeError(f"num_chunks must be an int, got {num_chunks!r}")
+    if isinstance(vocab_tile, bool) or not isinstance(vocab_tile, int) or vocab_tile < 1:
+        raise ValueError(f"vocab_tile must be an int >= 1, got {vocab_tile!r}")
     sizes = chunk_sizes(T, num_chunks)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, sizes, tp_group)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, sizes, vocab_tile, tp_group)
