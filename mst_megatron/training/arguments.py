@@ -14,7 +14,8 @@ _SHAPE_OVERRIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attenti
                     "num_query_groups", "max_position_embeddings")
 
 
-def _chunk_count(text: str):
+def chunk_count_arg(text: str):
+    """argparse type of the MST chunk-count flags: an int >= 1 or "auto"."""
     if text == "auto":
         return text
     try:
@@ -42,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.0)
 
     g = p.add_argument_group("mini-sequence transformers")
-    g.add_argument("--mlp-mini-sequences", type=_chunk_count, default="auto",
+    g.add_argument("--mlp-mini-sequences", type=chunk_count_arg, default="auto",
                    help="MLP chunks per sequence: an int or 'auto'")
-    g.add_argument("--lm-head-mini-sequences", type=_chunk_count, default="auto",
+    g.add_argument("--lm-head-mini-sequences", type=chunk_count_arg, default="auto",
                    help="LM-head + cross-entropy chunks per sequence: an int or 'auto'")
     g.add_argument("--no-mst", action="store_true", help="stock megatron-core GPTModel and layer spec")
 
