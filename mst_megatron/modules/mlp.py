@@ -16,11 +16,12 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mst_megatron.ops.chunking import AUTO, ChunkCount, resolve_chunk_count, validate_chunk_count
-from mst_megatron.ops.mini_sequence import mini_sequence_apply
+from mst_megatron.ops.mini_sequence import GemmsLeftEmpty, mini_sequence_apply
 
 __all__ = ["MiniSequenceMLP", "mlp_mini_sequence_count"]
 
@@ -79,7 +80,30 @@ class MiniSequenceMLP(MLP):
                 f"set {PARAM}=1"
             )
         # Extra kwargs (e.g. padding_mask) are for MoE layers; the dense MLP ignores them.
-        return mini_sequence_apply(super().forward, hidden_states, num_chunks)
+        recompute = self._recompute_without_fc2_gemm if type(self.linear_fc2) is RowParallelLinear else None
+        return mini_sequence_apply(super().forward, hidden_states, num_chunks, recompute_fn=recompute)
+
+    def _recompute_without_fc2_gemm(self, hidden_states: torch.Tensor):
+        """The stock forward for a chunk's recompute, with fc2's GEMM left uncomputed.
+
+        The recompute only has to rebuild what backward reads: fc1's output (for the activation's
+        backward) and fc2's input and weight (for fc2's). fc2's output is never read, so megatron's
+        ``RowParallelLinear`` runs with its product left as an empty tensor of the right shape, and
+        the recompute costs fc1 alone: 2 of the MLP's 3 forward GEMM units (SwiGLU fc1 is ``h x 2F``,
+        fc2 ``F x h``), not 3. Its TP reduction of that output still runs (the result is dropped).
+        """
+        fc2 = self.linear_fc2
+        fc2_forward = fc2.forward
+
+        def forward_leaving_gemms_empty(*args, **kwargs):
+            with GemmsLeftEmpty():
+                return fc2_forward(*args, **kwargs)
+
+        fc2.forward = forward_leaving_gemms_empty
+        try:
+            return MLP.forward(self, hidden_states)
+        finally:
+            del fc2.forward
 
 
 def mlp_mini_sequence_count(mlp_mini_sequences: ChunkCount, local_length: int, sp_size: int, hidden_size: int) -> int:

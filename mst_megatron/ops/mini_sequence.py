@@ -6,7 +6,7 @@ concatenates the results. With autograd recording, each chunk runs under
 only the chunk's input (a view of ``x``, so no extra storage) and its output; backward recomputes one
 chunk at a time and frees that chunk's intermediates before the next chunk is recomputed. The peak of
 ``fn``'s intermediates therefore falls by about ``M`` in forward *and* in backward, at the cost of one
-extra forward of ``fn``.
+extra forward of ``fn`` (or of a cheaper ``recompute_fn`` that skips what backward never reads).
 
 Why the stock non-reentrant checkpoint is enough (no custom ``autograd.Function``):
 
@@ -30,16 +30,18 @@ weight gradient into ``main_grad`` inside its own backward, like megatron's grad
 fusion, does so once per chunk, which sums to the same result.)
 """
 
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from mst_megatron.ops.chunking import chunk_sizes
 
-__all__ = ["mini_sequence_apply"]
+__all__ = ["mini_sequence_apply", "GemmsLeftEmpty"]
 
 FnOutput = Union[torch.Tensor, Tuple]
+aten = torch.ops.aten
 
 
 def _split_output(result, chunk_index: int):
@@ -54,8 +56,41 @@ def _split_output(result, chunk_index: int):
     )
 
 
+class GemmsLeftEmpty(TorchDispatchMode):
+    """Inside it, matrix products (``mm``, ``addmm``, ``bmm``) return uninitialised tensors of their
+    result's shape instead of computing it: for a recompute whose products nobody reads."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is aten.mm.default:
+            a, b = args[:2]
+            return a.new_empty((a.shape[0], b.shape[1]))
+        if func is aten.addmm.default:
+            a, b = args[1:3]
+            return a.new_empty((a.shape[0], b.shape[1]))
+        if func is aten.bmm.default:
+            a, b = args[:2]
+            return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+        return func(*args, **(kwargs or {}))
+
+
+def _first_call_then(fn: Callable, later: Callable) -> Callable:
+    """``fn`` on the first call (the chunk's forward), ``later`` on every call after (its recomputes)."""
+    calls = 0
+
+    def run(*args):
+        nonlocal calls
+        calls += 1
+        return (fn if calls == 1 else later)(*args)
+
+    return run
+
+
 def mini_sequence_apply(
-    fn: Callable[[torch.Tensor], FnOutput], x: torch.Tensor, num_chunks: int, dim: int = 0
+    fn: Callable[[torch.Tensor], FnOutput],
+    x: torch.Tensor,
+    num_chunks: int,
+    dim: int = 0,
+    recompute_fn: Optional[Callable[[torch.Tensor], FnOutput]] = None,
 ) -> FnOutput:
     """Apply a per-token function ``fn`` (e.g. an MLP: fc1 -> act -> fc2, possibly with TP collectives
     inside) to ``x`` split into ``num_chunks`` mini-sequences along ``dim``, keeping only one chunk's
@@ -78,6 +113,10 @@ def mini_sequence_apply(
       ``1 <= num_chunks <= x.size(dim)`` is required; chunk sizes come from
       :func:`mst_megatron.ops.chunking.chunk_sizes` (near-equal, every token kept). Callers running
       collectives inside ``fn`` must pass the same ``num_chunks`` on every rank of the group.
+    * ``recompute_fn`` (default ``fn``) runs instead of ``fn`` when a chunk is recomputed in backward.
+      It must save the same tensors for backward as ``fn`` (the checkpoint matches them one by one)
+      but may skip work whose result backward never reads: an MLP's last GEMM, whose output nothing
+      differentiates through (its backward needs only its input and weight).
     * With autograd off (``torch.no_grad()``, inference mode, or inside the forward of megatron's
       reentrant full recompute), the chunks are run without checkpointing: this bounds the working set
       of ``fn`` to one chunk at no extra compute.
@@ -102,7 +141,8 @@ def mini_sequence_apply(
     extras = None
     for i, chunk in enumerate(chunks):
         if record:
-            result = checkpoint(fn, chunk, use_reentrant=False, preserve_rng_state=False)
+            run = fn if recompute_fn is None else _first_call_then(fn, recompute_fn)
+            result = checkpoint(run, chunk, use_reentrant=False, preserve_rng_state=False)
         else:
             result = fn(chunk)
         out, chunk_extras = _split_output(result, i)
