@@ -58,16 +58,9 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def make_config(shape, dtype, **overrides):
     from mst_megatron.specs.llama_config import llama_transformer_config
 
-    return llama_transformer_config(
-        num_layers=1,
-        **shape,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        **overrides,
-    )
+    fields = dict(num_layers=1, **shape, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+                  params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    return llama_transformer_config(**{**fields, **overrides})
 
 
 def build_mlp(config, mlp_mini_sequences=None):
