@@ -30,7 +30,8 @@ allocator's own record from ``torch.profiler``):
 * Stock ``MemTracker`` raises ``NotImplementedError`` when a module is called twice at top level in one
   context (it takes that for a second iteration). A mini-sequence op calls its function once per chunk,
   so :func:`measure_peak` uses a subclass that accepts repeated calls (those calls' per-module snapshots
-  are skipped; the global peak is unaffected).
+  are skipped; the global peak is unaffected). The subclass also accepts megatron's DDP wrapper, whose
+  ``buffers`` attribute is a list (its gradient buffers) rather than ``Module.buffers()``.
 """
 
 import gc
@@ -55,6 +56,13 @@ class _StepMemTracker(MemTracker):
             # Raised only for a second top-level forward of an already-seen module; its parameters and
             # grad hooks were set up on the first call, and dispatch-level tracking is unaffected.
             pass
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        # megatron's DistributedDataParallel shadows Module.buffers() with its list of gradient
+        # buffers; its parameters and buffers are those of the module it wraps.
+        if not callable(module.buffers):
+            module = module.module
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
 
 def _as_tuple(obj) -> tuple:

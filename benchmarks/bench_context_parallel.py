@@ -1,0 +1,239 @@
+"""Context parallelism: per-rank memory of a full MST training step at world sizes 1, 2 and 4, and the
+longest sequence that fits a fixed per-rank memory budget for each.
+
+Model: the whole MST model (MST block spec in an ``MSTGPTModel``: SDPA attention, mini-sequence MLP
+and LM head, all "auto" chunk counts), Llama-shaped and small (2 layers, hidden 128, SwiGLU ffn 352,
+8 heads, 4 K/V groups, vocab 2048: small weights, so that activations dominate at CPU-sized
+sequences), fp32, megatron's full recompute (uniform, 1 layer), b=1. One
+training step = megatron's schedule (forward + backward, the batch sharded per CP rank by
+``get_batch_on_this_cp_rank``) + DDP gradient reduction + Adam step, after one warm-up step (so
+Adam's state exists before the measured step, as in any step but the first).
+
+Layouts (tensor x context parallel, one gloo rank per GPU stand-in): 1, CP=2, CP=4 and TP=2 x CP=2
+(with sequence parallelism). Each rank measures its own step with
+:func:`mst_megatron.tools.memory.measure_peak` (MemTracker); the table shows the largest rank.
+
+* ``peak``: the whole per-rank peak (weights, DDP gradient buffers, Adam state, activations).
+* ``fixed`` and ``act``: the peak is linear in S here (flash attention, chunked MLP and head), so the
+  line through the peaks at ``--seq / 2`` and ``--seq`` splits it into a part that does not grow
+  with the sequence (``fixed``, its S -> 0 intercept: weights, gradient buffers, Adam state, and the
+  weight-gradient temporaries of the embedding and head) and the activation memory ``act = peak -
+  fixed`` (activations, recomputed activations, activation gradients). Target: ``act`` within 15% of
+  ``1/(TP x CP)`` of the single rank's at the same global sequence. The JSON also keeps MemTracker's
+  breakdown by category at each peak.
+* ``longest S``: the longest global sequence whose per-rank peak fits the budget (default: the single
+  rank's peak at ``--seq``, so the single rank's longest is about ``--seq``), measured to within 2%:
+  predicted from the line, then narrowed between the longest length measured to fit and the
+  shortest measured not to (the JSON keeps both).
+
+Writes ``results/bench_context_parallel_cpu.json`` and the curve (longest S vs GPU count) as a PNG
+next to it (needs matplotlib: ``pip install -e ".[bench]"``).
+
+Examples::
+
+    nice -n 19 python benchmarks/bench_context_parallel.py                 # S = 2048
+    python benchmarks/bench_context_parallel.py --seq 512 --out /tmp/cp.json  # a quick smoke run
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_mlp import machine  # noqa: E402
+from mst_megatron.tools.memory import measure_peak  # noqa: E402
+from tests.multirank import run_on_ranks  # noqa: E402
+
+SHAPE = dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8, num_query_groups=4)
+VOCAB = 2048
+LAYOUTS = {"1": (1, 1), "CP=2": (1, 2), "CP=4": (1, 4), "TP=2 x CP=2": (2, 2)}  # name: (TP, CP)
+TARGET_SLACK = 0.15  # per-rank activations within 15% of 1/(TP x CP) of the single rank's
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "bench_context_parallel_cpu.json")
+
+
+class Trainer:
+    """This rank's MST model in DDP with megatron's Adam, one training step per call."""
+
+    def __init__(self, tp: int, cp: int, max_seq: int):
+        import mst_megatron
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from tests.models import mst_full_gpt, tiny_config
+        from tests.training import wrap_ddp
+
+        mst_megatron.init_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        config = tiny_config(**SHAPE, sequence_parallel=tp > 1, recompute_granularity="full",
+                             recompute_method="uniform", recompute_num_layers=1)
+        (self.model,) = wrap_ddp([mst_full_gpt(config, vocab_size=VOCAB, seq_length=max_seq)], config)
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4), [self.model])
+        self.forward_backward = get_forward_backward_func()
+        self.granularity = 2 * cp * tp  # megatron's CP layout, then SP's split of each CP shard
+
+    def step(self, seq: int) -> None:
+        from mst_megatron.training.pretrain import forward_step
+
+        tokens = torch.randint(0, VOCAB, (1, seq + 1), generator=torch.Generator().manual_seed(seq))
+        batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(1, seq),
+                     position_ids=torch.arange(seq).unsqueeze(0))
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.forward_backward(forward_step_func=forward_step, data_iterator=iter([batch]), model=self.model,
+                              num_microbatches=1, seq_length=seq, micro_batch_size=1)
+        self.optimizer.step()
+
+    def peak(self, seq: int) -> dict:
+        """The largest rank's peak and activation bytes for one step at global length ``seq``."""
+        import torch.distributed as dist
+
+        external = [self.model, *(b.grad_data for b in self.model.buffers)]
+        t0 = time.perf_counter()
+        p = measure_peak(lambda: self.step(seq), external, optimizer=self.optimizer.optimizer)
+        seconds = time.perf_counter() - t0
+        per_rank = torch.tensor([p["total"], seconds], dtype=torch.float64)
+        dist.all_reduce(per_rank, op=dist.ReduceOp.MAX)
+        if dist.get_rank() == 0:
+            print(f"  S={seq:6d}: peak {per_rank[0] / 2**20:8.2f} MiB, {per_rank[1]:.1f} s", flush=True)
+        return dict(seq=seq, peak=int(per_rank[0]), seconds=float(per_rank[1]), rank0_breakdown=p)
+
+    def longest(self, measured: list, fixed: float, bytes_per_token: float, budget: int,
+                tolerance: float = 0.02, tries: int = 8) -> dict:
+        """The longest global length (a multiple of the layout's granularity) whose peak fits the
+        budget, to within ``tolerance``: first the straight line's prediction, then regula falsi
+        between the longest measured length that fits and the shortest that does not (the peak
+        grows a little faster than linearly, so the line alone overshoots)."""
+        fit = max((r for r in measured if r["peak"] <= budget), key=lambda r: r["seq"])
+        over = None
+        seq = predicted = self._round((budget - fixed) / bytes_per_token)
+        for _ in range(tries):
+            r = self.peak(seq)
+            if r["peak"] <= budget:
+                fit = max(fit, r, key=lambda x: x["seq"])
+            else:
+                over = min(over or r, r, key=lambda x: x["seq"])
+            if over is None:
+                seq = self._round(fit["seq"] * (1 + 2 * tolerance))
+                continue
+            if over["seq"] - fit["seq"] <= max(self.granularity, tolerance * fit["seq"]):
+                break
+            step = (budget - fit["peak"]) * (over["seq"] - fit["seq"]) / (over["peak"] - fit["peak"])
+            seq = min(max(self._round(fit["seq"] + step), fit["seq"] + self.granularity),
+                      over["seq"] - self.granularity)
+        return dict(fit, predicted_seq=predicted, shortest_over=over and over["seq"])
+
+    def _round(self, seq: float) -> int:
+        return max(self.granularity, int(seq) // self.granularity * self.granularity)
+
+
+def layout_body(name: str, tp: int, cp: int, seq: int, budget, out_path: str) -> None:
+    """On each rank of a TP x CP world: warm up, peaks at seq/2 and seq, the longest S for the budget."""
+    import torch.distributed as dist
+
+    trainer = Trainer(tp, cp, max_seq=16 * seq)
+    trainer.step(trainer.granularity * 8)  # warm-up: creates Adam's state
+    points = [trainer.peak(seq // 2), trainer.peak(seq)]
+    bytes_per_token = (points[1]["peak"] - points[0]["peak"]) / (seq - seq // 2)
+    fixed = points[1]["peak"] - bytes_per_token * seq
+    if budget is None:  # the single rank defines the budget: its own peak at seq
+        budget = points[1]["peak"]
+    result = dict(layout=name, tp=tp, cp=cp, world=tp * cp, budget=budget, points=points, fixed=fixed,
+                  act=points[1]["peak"] - fixed, bytes_per_token=bytes_per_token,
+                  longest=trainer.longest(points, fixed, bytes_per_token, budget))
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+
+
+def run(seq: int) -> dict:
+    results, budget = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (tp, cp) in LAYOUTS.items():
+            path = os.path.join(tmp, "result.json")
+            t0 = time.perf_counter()
+            run_on_ranks(layout_body, tp * cp, name, tp, cp, seq, budget, path, timeout=1200)
+            with open(path) as f:
+                results.append(json.load(f))
+            budget = results[0]["budget"]
+            print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    single = results[0]
+    for r in results:
+        r["act_ratio"] = r["act"] / single["act"]
+        r["act_target"] = 1 / r["world"]
+        r["act_vs_target"] = r["act_ratio"] / r["act_target"]
+        r["longest_vs_single"] = r["longest"]["seq"] / single["longest"]["seq"]
+    return dict(machine=machine(), settings=dict(shape=SHAPE, vocab=VOCAB, seq=seq, dtype="fp32", batch=1,
+                                                 recompute="full uniform 1", mini_sequences="auto",
+                                                 threads_per_rank=1, budget_bytes=budget),
+                results=results, target_met=all(r["act_vs_target"] <= 1 + TARGET_SLACK for r in results))
+
+
+def print_table(report) -> None:
+    mib = lambda n: f"{n / 2**20:8.1f}"  # noqa: E731
+    s = report["settings"]
+    print(f"\nper-rank peak of one training step at S={s['seq']} (largest rank, MiB); longest S for a "
+          f"per-rank budget of {s['budget_bytes'] / 2**20:.1f} MiB")
+    print(f"{'layout':12s} {'world':>5s} {'peak':>8s} {'fixed':>8s} {'act':>8s} {'act/1':>7s} {'1/(TPxCP)':>9s} "
+          f"{'ratio':>6s} {'longest S':>9s} {'x single':>8s} {'its peak':>8s}")
+    for r in report["results"]:
+        p, lo = r["points"][1], r["longest"]
+        print(f"{r['layout']:12s} {r['world']:5d} {mib(p['peak'])} {mib(r['fixed'])} {mib(r['act'])} {r['act_ratio']:7.3f} "
+              f"{r['act_target']:9.3f} {r['act_vs_target']:6.3f} {lo['seq']:9d} {r['longest_vs_single']:8.2f} "
+              f"{mib(lo['peak'])}")
+    print(f"target (activations within {TARGET_SLACK:.0%} of 1/(TP x CP)) met: {report['target_met']}")
+
+
+def plot(report, path: str) -> None:
+    """Longest sequence vs GPU count, per layout family, against linear growth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    single = results[0]["longest"]["seq"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    worlds = sorted({r["world"] for r in results})
+    ax.plot(worlds, [single * w for w in worlds], "k--", label="linear in GPU count")
+    for family, keep in (("CP", lambda r: r["tp"] == 1), ("TP x CP", lambda r: r["tp"] > 1 or r["world"] == 1)):
+        rows = [r for r in results if keep(r)]
+        ax.plot([r["world"] for r in rows], [r["longest"]["seq"] for r in rows], "o-", label=family)
+        for r in rows:
+            ax.annotate(r["layout"], (r["world"], r["longest"]["seq"]), textcoords="offset points", xytext=(5, -12))
+    ax.set_xlabel("GPUs (gloo ranks here)")
+    ax.set_ylabel("longest global sequence (tokens)")
+    ax.set_xticks(worlds)
+    ax.set_title(f"MST + context parallelism: per-rank budget {report['settings']['budget_bytes'] / 2**20:.0f} MiB")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq", type=int, default=2048, help="global sequence length for the memory table")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON report path (the PNG goes next to it)")
+    args = parser.parse_args(argv)
+    granularity = max(2 * cp * tp for tp, cp in LAYOUTS.values())
+    if args.seq % (2 * granularity):
+        raise SystemExit(f"--seq must be a multiple of {2 * granularity} (so is --seq / 2 of {granularity}), "
+                         f"got {args.seq}")
+    report = run(args.seq)
+    print_table(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    png = os.path.splitext(args.out)[0] + ".png"
+    plot(report, png)
+    print(f"\nwrote {args.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
