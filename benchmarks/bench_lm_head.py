@@ -27,7 +27,6 @@ The helpers (``floor_bytes``, ``measure_memory``, ``interleaved_times``, ``mem_a
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_common import start_one_rank  # noqa: E402
 from mst_megatron.tools.memory import format_bytes, measure_peak  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_lm_head.json")
@@ -280,15 +280,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     import mst_megatron
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    mst_megatron.init_parallel()
+    machine = start_one_rank(args.threads)
     report = {
         "benchmark": "LM head + cross-entropy forward+backward, b=1, TP=1",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "dtype": "bf16" if args.bf16 else "fp32",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "platform": platform.platform()},
+        "machine": machine,
         "results": [],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -33,7 +33,6 @@ Examples::
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mst_megatron  # noqa: E402
+from bench_common import machine, start_one_rank  # noqa: E402
 from mst_megatron.tools.memory import format_bytes, measure_peak  # noqa: E402
 
 SHAPE = dict(hidden_size=1024, ffn_hidden_size=3584, num_attention_heads=8, num_query_groups=2)
@@ -221,17 +221,6 @@ def ratios(results):
     return out
 
 
-def machine():
-    model = platform.processor() or "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    return dict(cpu=model, logical_cpus=os.cpu_count(), torch=torch.__version__,
-                python=platform.python_version(),
-                memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def print_table(report):
     mib = lambda n: f"{n / 2**20:9.1f}"  # noqa: E731
     settings = report["settings"]
@@ -270,9 +259,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON report path")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    mst_megatron.init_parallel()
+    start_one_rank(args.threads)
     report = run(args)
     print_table(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -24,7 +24,6 @@ built and measured one after the other, so only one model is alive at a time. Ti
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_common import start_one_rank  # noqa: E402
 from bench_lm_head import floor_bytes, load_average, measure_memory, print_table  # noqa: E402
 from bench_mlp import SHAPE, make_config  # noqa: E402
 from mst_megatron.tools.memory import format_bytes  # noqa: E402
@@ -119,16 +119,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     import mst_megatron
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    mst_megatron.init_parallel()
+    machine = start_one_rank(args.threads)
     config = make_config(args.shape, torch.float32, num_layers=args.layers, recompute_granularity="full",
                          recompute_method="uniform", recompute_num_layers=1)
     report = {
         "benchmark": f"whole-model step (forward + backward), {args.layers} layers, full recompute, b=1, fp32",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "platform": platform.platform()},
+        "machine": machine,
         "load_average_start": load_average(),
         "variants": {},
     }
