@@ -9,8 +9,8 @@ training step = megatron's schedule (forward + backward, the batch sharded per C
 ``get_batch_on_this_cp_rank``) + DDP gradient reduction + Adam step, after one warm-up step (so
 Adam's state exists before the measured step, as in any step but the first).
 
-Layouts (tensor x context parallel, one gloo rank per GPU stand-in): 1, CP=2, CP=4 and TP=2 x CP=2
-(with sequence parallelism). Each rank measures its own step with
+Layouts (tensor x context parallel, one gloo rank per GPU stand-in): 1, CP=2, CP=4, TP=2 and TP=2 x
+CP=2 (TP always with sequence parallelism). Each rank measures its own step with
 :func:`mst_megatron.tools.memory.measure_peak` (MemTracker); the table shows the largest rank.
 
 * ``peak``: the whole per-rank peak (weights, DDP gradient buffers, Adam state, activations).
@@ -54,7 +54,8 @@ from tests.multirank import run_on_ranks  # noqa: E402
 
 SHAPE = dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8, num_query_groups=4)
 VOCAB = 2048
-LAYOUTS = {"1": (1, 1), "CP=2": (1, 2), "CP=4": (1, 4), "TP=2 x CP=2": (2, 2)}  # name: (TP, CP)
+# name: (TP, CP); TP=2 alone separates what TP + SP contribute from what CP does
+LAYOUTS = {"1": (1, 1), "CP=2": (1, 2), "CP=4": (1, 4), "TP=2": (2, 1), "TP=2 x CP=2": (2, 2)}
 TARGET_SLACK = 0.15  # per-rank activations within 15% of 1/(TP x CP) of the single rank's
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "bench_context_parallel_cpu.json")
 
@@ -202,7 +203,7 @@ def plot(report, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     worlds = sorted({r["world"] for r in results})
     ax.plot(worlds, [single * w for w in worlds], "k--", label="linear in GPU count")
-    for family, keep in (("CP", lambda r: r["tp"] == 1), ("TP x CP", lambda r: r["tp"] > 1 or r["world"] == 1)):
+    for family, keep in (("CP", lambda r: r["tp"] == 1), ("TP=2, TP=2 x CP=2", lambda r: r["tp"] > 1 or r["world"] == 1)):
         rows = [r for r in results if keep(r)]
         ax.plot([r["world"] for r in rows], [r["longest"]["seq"] for r in rows], "o-", label=family)
         for r in rows:

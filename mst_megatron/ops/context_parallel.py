@@ -52,22 +52,23 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad, ctx.group), None
 
 
-def _check(x: torch.Tensor, dim_name: str, size: int, cp: int, what: str) -> None:
+def _check(x: torch.Tensor, what: str, divisors: dict) -> None:
+    """``x`` is ``[s, b, heads, d]`` and each named dimension divides by its divisor."""
     if x.dim() != 4:
         raise ValueError(f"{what}: expected a [s, b, heads, d] tensor, got shape {tuple(x.shape)}")
-    if size % cp:
-        raise ValueError(f"{what}: {dim_name} ({size}) must be divisible by the context-parallel size {cp}")
+    for (name, dim), divisor in divisors.items():
+        if x.size(dim) % divisor:
+            raise ValueError(f"{what}: {name} ({x.size(dim)}) must be divisible by {divisor}")
 
 
 def sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     """``[s/cp, b, heads, d]`` (this rank's load-balanced shard) -> ``[s, b, heads/cp, d]`` in natural
     sequence order, holding heads ``[r * heads/cp, (r + 1) * heads/cp)`` on rank ``r``."""
     cp = dist.get_world_size(group)
-    _check(x, "heads", x.size(2), cp, "sequence_to_heads")
-    _check(x, "local sequence length (two chunks per rank)", x.size(0), 2, "sequence_to_heads")
+    _check(x, "sequence_to_heads", {("heads", 2): cp, ("local sequence length (two chunks per rank)", 0): 2})
     s_local, b, heads, d = x.shape
     # [s/cp, b, cp, heads/cp, d] -> [cp, s/cp, b, heads/cp, d]: block j holds rank j's heads.
-    blocks = x.view(s_local, b, cp, heads // cp, d).permute(2, 0, 1, 3, 4)
+    blocks = x.reshape(s_local, b, cp, heads // cp, d).permute(2, 0, 1, 3, 4)
     gathered = _AllToAll.apply(blocks, group)  # block j: rank j's shard of this rank's heads
     chunks = gathered.reshape(2 * cp, s_local // 2, b, heads // cp, d)
     natural = chunks.index_select(0, load_balanced_order(cp).to(x.device))
@@ -77,7 +78,7 @@ def sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
 def heads_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """Inverse of :func:`sequence_to_heads`: ``[s, b, heads/cp, d]`` -> ``[s/cp, b, heads, d]``."""
     cp = dist.get_world_size(group)
-    _check(x, "sequence length", x.size(0), 2 * cp, "heads_to_sequence")
+    _check(x, "heads_to_sequence", {("sequence length (two chunks per rank)", 0): 2 * cp})
     s, b, local_heads, d = x.shape
     chunks = x.reshape(2 * cp, s // (2 * cp), b, local_heads, d)
     layout = chunks.index_select(0, torch.argsort(load_balanced_order(cp)).to(x.device))
