@@ -16,3 +16,11 @@ def one_rank():
     yield
     mst_megatron.destroy_parallel()
     os.environ.pop("MASTER_PORT", None)  # the next module's world picks a fresh port
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The training tests' tiny corpus (see :func:`tests.pretraining.build_corpus`), built once."""
+    from tests.pretraining import build_corpus
+
+    return build_corpus(tmp_path_factory.mktemp("pretrain"))

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.multirank import free_port
-from tests.test_pretrain import MODEL, SCRIPT, corpus  # noqa: F401 (corpus: the shared tiny-corpus fixture)
+from tests.pretraining import MODEL, SCRIPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "launch", "torchrun_multinode.sh")
