@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_mlp import machine  # noqa: E402
+from bench_common import machine  # noqa: E402
 from mst_megatron.tools.memory import measure_peak  # noqa: E402
 from tests.multirank import run_on_ranks  # noqa: E402
 
