@@ -16,9 +16,10 @@ is reported as not measured, with its estimate, instead of risking the machine.
     python benchmarks/bench_lm_head.py --quick          # tiny sizes, seconds
     python benchmarks/bench_lm_head.py --bf16 --seq-lengths 8192
 
-``results/bench_lm_head.json`` was run with ``--mini-sequences auto 8 --threads 1``: on a 2-core machine
-shared with other jobs (load averages are recorded), two intra-op threads stall at every barrier of
-MST's many small per-chunk kernels, which measures the neighbours rather than the method.
+``results/bench_lm_head.json`` (S = 2K, 8K, 32K) was run with ``--mini-sequences auto 8 --threads 1``
+before the op tiled the vocabulary, when ``auto`` meant ``ceil(V / h)`` chunks; on a 2-core machine
+shared with other jobs (load averages are recorded). ``results/bench_lm_head_8k_tiled*.json`` are the
+current op at S = 8K with ``--threads 2`` on a quiet machine (``auto`` = 8 chunks, 32, and 2).
 
 The helpers (``floor_bytes``, ``measure_memory``, ``interleaved_times``, ``mem_available_bytes``,
 ``add_ratios``, ``print_table``) take any step function, so whole-model comparisons can reuse them.
