@@ -105,7 +105,9 @@ def test_dropout_draws_from_rng_tracker():
 @pytest.mark.parametrize(
     "override,match",
     [
-        (dict(context_parallel_size=2), "context_parallel_size"),
+        # a config whose CP size is not the parallel state's (this one-rank world has no CP group of 2)
+        (dict(context_parallel_size=2),
+         "context_parallel_size=2 in the config, but the context-parallel process group has 1 ranks"),
         (dict(softmax_type="learnable"), "softmax_type"),
         (dict(window_size=(16, 0)), "window_size"),
     ],
