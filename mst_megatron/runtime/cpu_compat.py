@@ -160,32 +160,26 @@ def _tensor_type_names_cuda():
         torch.Tensor.type = original
 
 
-def _run_inside(cls, method_name: str, context) -> None:
-    """Make ``cls.<method_name>`` run inside ``context()``."""
-    original = getattr(cls, method_name)
+def _run_inside(owner, name: str, context) -> None:
+    """Make ``owner.<name>`` (a class's method or a module's function) run inside ``context()``."""
+    original = getattr(owner, name)
 
-    def bridged(self, *args, **kwargs):
+    @functools.wraps(original)
+    def bridged(*args, **kwargs):
         with context():
-            return original(self, *args, **kwargs)
+            return original(*args, **kwargs)
 
-    bridged.__name__ = original.__name__
-    bridged.__doc__ = original.__doc__
-    setattr(cls, method_name, bridged)
+    setattr(owner, name, bridged)
 
 
 def _bridge_cp_rope_slicing() -> None:
-    """Bridge 6: the CP slicing function runs with ``Tensor.cuda`` as the identity."""
+    """Bridge 6: the CP slicing function runs with ``Tensor.cuda`` as the identity, under each name
+    it was imported as."""
     from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
 
-    original = rope_utils.get_pos_emb_on_this_cp_rank
-
-    @functools.wraps(original)
-    def get_pos_emb_on_this_cp_rank(*args, **kwargs):
-        with _tensor_cuda_is_identity():
-            return original(*args, **kwargs)
-
-    for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
-        module.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+    _run_inside(rope_utils, "get_pos_emb_on_this_cp_rank", _tensor_cuda_is_identity)
+    for module in (rotary_pos_embedding, yarn_rotary_pos_embedding):
+        module.get_pos_emb_on_this_cp_rank = rope_utils.get_pos_emb_on_this_cp_rank
 
 
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
