@@ -105,13 +105,12 @@ def print_table(rows: List[Dict], columns: List[str]) -> None:
 def build_head(hidden_size: int, vocab_size: int, dtype: torch.dtype):
     """megatron's output layer as GPTModel builds it, promoted to the MST head (one weight for all)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     from mst_megatron.modules.lm_head import MiniSequenceLMHead
+    from mst_megatron.specs.llama_config import llama_transformer_config
 
-    config = TransformerConfig(
+    config = llama_transformer_config(
         num_layers=1, hidden_size=hidden_size, num_attention_heads=1, params_dtype=dtype,
-        use_cpu_initialization=True, perform_initialization=False, gradient_accumulation_fusion=False,
+        use_cpu_initialization=True, perform_initialization=False,
     )
     head = ColumnParallelLinear(
         hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False
