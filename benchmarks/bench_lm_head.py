@@ -74,8 +74,16 @@ def measure_memory(step: Callable[[], None], externals: List[torch.Tensor], floo
     return peak
 
 
+def wall_seconds(step: Callable[[], None]) -> float:
+    """Wall-clock seconds of one ``step()`` (CPU: the work is done when it returns)."""
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
 def interleaved_times(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int,
-                 after_each: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
+                      after_each: Callable[[], None] = lambda: None,
+                      seconds: Callable[[Callable[[], None]], float] = wall_seconds) -> Dict[str, List[float]]:
     """Seconds per call of each step: ``warmup`` unrecorded rounds, then ``repeats`` recorded ones.
 
     The steps are interleaved within each round, so drifting load on a shared machine hits all alike.
@@ -83,9 +91,7 @@ def interleaved_times(steps: Dict[str, Callable[[], None]], warmup: int, repeats
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for round_ in range(warmup + repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            elapsed = time.perf_counter() - start
+            elapsed = seconds(step)
             after_each()
             if round_ >= warmup:
                 times[name].append(elapsed)
@@ -120,26 +126,29 @@ def build_head(hidden_size: int, vocab_size: int, dtype: torch.dtype):
     return MiniSequenceLMHead.adopt(head)
 
 
-def stock_step(head, hidden: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+def stock_step(head, hidden: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Forward + backward of the mean per-token loss as GPTModel computes it: logits, then the
-    vocab-parallel cross-entropy (``compute_language_model_loss`` without fusion)."""
+    vocab-parallel cross-entropy (``compute_language_model_loss`` without fusion); returns the
+    per-token loss."""
     from megatron.core import tensor_parallel
 
     def step():
         logits, _ = head(hidden)  # the stock ColumnParallelLinear forward
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()
         loss.mean().backward()
+        return loss.detach()
 
     return step
 
 
-def mst_step(head, hidden: torch.Tensor, labels: torch.Tensor, mini_sequences) -> Callable[[], None]:
+def mst_step(head, hidden: torch.Tensor, labels: torch.Tensor, mini_sequences) -> Callable[[], torch.Tensor]:
     """The same loss through the MST head with ``mini_sequences`` chunks."""
 
     def step():
         head.mini_sequences = mini_sequences
         loss, _ = head(hidden, labels=labels)
         loss.mean().backward()
+        return loss.detach()
 
     return step
 

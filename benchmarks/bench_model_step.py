@@ -43,7 +43,9 @@ CATEGORIES = ("PARAM", "GRAD", "ACT", "TEMP", "OTH")
 
 
 def build(variant: str, config, vocab: int, seq: int, mini_sequences):
-    """``stock`` (megatron's local spec and head) or ``mst`` (MST layer spec and head)."""
+    """``stock`` (megatron's local spec and head), ``sdpa`` (megatron's ``GPTModel`` and head with the
+    MST layer spec unchunked: SDPA attention, one mini-sequence in the MLP) or ``mst`` (MST layer
+    spec and head, ``mini_sequences = (mlp, head)``)."""
     import mst_megatron
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -52,6 +54,8 @@ def build(variant: str, config, vocab: int, seq: int, mini_sequences):
                   share_embeddings_and_output_weights=False)
     if variant == "stock":
         return GPTModel(transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"), **common)
+    if variant == "sdpa":
+        return GPTModel(transformer_layer_spec=mst_megatron.get_gpt_mst_layer_spec(1), **common)
     mlp_m, head_m = mini_sequences
     return mst_megatron.MSTGPTModel(transformer_layer_spec=mst_megatron.get_gpt_mst_layer_spec(mlp_m),
                                     lm_head_mini_sequences=head_m, **common)

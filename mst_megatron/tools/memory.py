@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Union
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-__all__ = ["measure_peak", "format_bytes"]
+__all__ = ["measure_peak", "measure_cuda_peak", "format_bytes"]
 
 _TOTAL_KEY = "Total"
 _CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
@@ -155,6 +155,27 @@ def measure_peak(
     if prof is not None:
         result["allocator_peak_delta"] = _allocator_peak_delta(prof)
     return result
+
+
+def measure_cuda_peak(step: Callable[[], Any]) -> Dict[str, int]:
+    """Run ``step()`` once on the current CUDA device; its peak from the caching allocator's own
+    counters (``torch.cuda.max_memory_allocated``), in bytes.
+
+    Returns ``start`` (allocated before the step: weights, inputs, ...), ``peak_above_start``,
+    ``kept`` (still allocated after the step and ``gc.collect()``: the gradients it made) and
+    ``above_floor = peak_above_start - kept``: the transient memory of the step over what any
+    implementation must hold before and after it.
+    """
+    gc.collect()
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - start
+    gc.collect()
+    kept = torch.cuda.memory_allocated() - start
+    return dict(start=start, peak_above_start=peak, kept=kept, above_floor=peak - kept)
 
 
 def format_bytes(n: Union[int, float]) -> str:

@@ -1,0 +1,312 @@
+"""Stock megatron-core against MST on one CUDA GPU: peak memory and time of forward + backward.
+
+The GPU counterpart of ``bench_lm_head.py``, ``bench_mlp.py`` and ``bench_model_step.py``, in one
+process with the baseline and MST side by side. Each case builds its variants with the same weights
+and inputs and, per variant:
+
+* memory: one step under :func:`mst_megatron.tools.memory.measure_cuda_peak`
+  (``torch.cuda.max_memory_allocated``): the peak above what was allocated before the step, and
+  ``above floor``, that peak less what the step leaves allocated (its gradients), i.e. the transient
+  memory a long sequence runs out of;
+* exactness: the outputs (per-token loss or MLP output) and the gradients named per case, relative
+  error against the first variant (stock): the benchmark times computations that agree;
+* time: CUDA events around each step, after ``--warmup`` rounds, ``--repeats`` rounds with the
+  variants interleaved; the median, and MST/stock ratios.
+
+A variant that runs out of GPU memory is recorded as ``oom`` and not tried at longer sequences.
+
+Cases (bf16 unless named; b=1):
+
+* ``lm_head``: megatron's output layer + vocab-parallel cross-entropy against the MST head, V=128256,
+  at Llama-3-8B's hidden size 4096 (8K, 32K) and at the CPU benchmark's 1024 in fp32 (8K).
+* ``mlp``: megatron's ``MLP`` against ``MiniSequenceMLP`` (auto chunks), Llama-3-8B's shape (4096,
+  ffn 14336) at 8K and 32K, and the CPU benchmark's scaled shape (1024, 3584) in fp32 at 8K.
+* ``layer``: one Llama-3-8B layer under full recompute: local spec, MST spec with one mini-sequence,
+  MST spec.
+* ``model``: a 4-layer Llama-3-8B-wide GPT (untied, V=128256, full recompute): stock (local spec),
+  ``sdpa`` (GPTModel, MST layer spec unchunked: the attention alone) and MST (layer spec + head),
+  at 8K, 32K, 64K and 128K.
+
+    python benchmarks/bench_cuda.py --out results.json          # everything (~3-4 min on an H200)
+    python benchmarks/bench_cuda.py --quick --out /tmp/q.json   # tiny shapes, seconds (CPU too)
+
+On a machine without CUDA (``--quick`` only) the same code runs on the CPU with wall-clock times
+and no memory figures: a smoke test of the script, not a measurement.
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_common import start_one_rank  # noqa: E402
+from bench_lm_head import build_head, interleaved_times, mst_step, stock_step, wall_seconds  # noqa: E402
+from bench_mlp import QUICK_SHAPE, SHAPE, make_config, variants  # noqa: E402
+from bench_model_step import build as build_model  # noqa: E402
+from mst_megatron.tools.memory import format_bytes, measure_cuda_peak  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8)
+VOCAB = 128256
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def cuda_seconds(step: Callable[[], None]) -> float:
+    """Seconds of one ``step()`` between two CUDA events (the GPU's time, not the launch's)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Case:
+    """Variants of one computation: ``steps[name]()`` runs forward + backward and returns the tensors
+    to compare with the first variant's; ``clear()`` drops the gradients between runs."""
+
+    def __init__(self, part: str, label: Dict, steps: Dict[str, Callable[[], List[torch.Tensor]]],
+                 clear: Callable[[], None], compared: List[str], rounds: Optional[tuple] = None):
+        self.part, self.label, self.steps, self.clear, self.compared = part, label, steps, clear, compared
+        self.rounds = rounds  # (warmup, repeats) instead of the command line's, for the longest cases
+
+    def run(self, args, out_of_memory: set) -> Dict:
+        rows, reference, runnable = {}, None, {}
+        for name, step in self.steps.items():
+            if (self.part, name) in out_of_memory:
+                rows[name] = dict(skipped="ran out of memory at a shorter sequence")
+                continue
+            captured = {}
+            try:
+                if torch.cuda.is_available():
+                    memory = measure_cuda_peak(lambda: captured.update(out=step()))
+                else:
+                    captured.update(out=step())
+                    memory = {}
+            except torch.OutOfMemoryError as e:
+                captured.clear()
+                self.clear()
+                free_memory()
+                out_of_memory.add((self.part, name))
+                rows[name] = dict(oom=True, error=str(e).split("\n")[0][:200])
+                print(f"  {self.part} {name}: out of memory", flush=True)
+                continue
+            out = [t.detach().float() for t in captured.pop("out")]
+            self.clear()
+            row = dict(memory=memory)
+            if reference is None:
+                reference = out
+            else:
+                row["rel_err"] = {what: rel_err(a, b) for what, a, b in zip(self.compared, out, reference)}
+            rows[name] = row
+            runnable[name] = step
+            del out
+        reference = None
+        free_memory()
+        seconds = cuda_seconds if torch.cuda.is_available() else wall_seconds
+        warmup, repeats = self.rounds or (args.warmup, args.repeats)
+        times = interleaved_times(runnable, warmup, repeats, after_each=self.clear, seconds=seconds)
+        for name, ts in times.items():
+            rows[name].update(time_s=statistics.median(ts), times_s=ts)
+        result = dict(part=self.part, **self.label, variants=rows)
+        add_ratios(result)
+        return result
+
+
+def add_ratios(result: Dict) -> None:
+    """Against the first variant that ran: above-floor ratio and time ratio (MST / baseline)."""
+    names = [n for n, v in result["variants"].items() if "memory" in v]
+    if not names:
+        return
+    base = result["variants"][names[0]]
+    for name in names[1:]:
+        v = result["variants"][name]
+        if base["memory"] and v["memory"]:
+            v["above_floor_ratio"] = v["memory"]["above_floor"] / max(base["memory"]["above_floor"], 1)
+            v["peak_ratio"] = v["memory"]["peak_above_start"] / max(base["memory"]["peak_above_start"], 1)
+        v["time_ratio"] = statistics.median(m / s for m, s in zip(v["times_s"], base["times_s"]))
+
+
+# ---------------------------------------------------------------- the cases
+
+
+def lm_head_case(device, hidden_size: int, seq: int, dtype, vocab: int = VOCAB) -> Case:
+    head = build_head(hidden_size, vocab, dtype).to(device)
+    g = torch.Generator().manual_seed(seq)
+    hidden = torch.randn(seq, 1, hidden_size, generator=g).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (1, seq), generator=g).to(device)
+
+    def with_grads(step):
+        return lambda: [step(), hidden.grad, head.weight.grad]
+
+    def clear():
+        hidden.grad = head.weight.grad = None
+
+    steps = {"stock": with_grads(stock_step(head, hidden, labels)),
+             "mst": with_grads(mst_step(head, hidden, labels, "auto"))}
+    return Case("lm_head", dict(seq=seq, hidden=hidden_size, vocab=vocab, dtype=str(dtype)[6:]),
+                steps, clear, ["loss", "hidden grad", "weight grad"])
+
+
+def module_case(part: str, device, shape: Dict, seq: int, dtype) -> Case:
+    """``mlp``: stock MLP vs MST MLP; ``layer``: local spec vs MST spec M=1 vs MST spec, full recompute."""
+    _, modules = variants(part, shape, dtype, "auto")
+    g = torch.Generator().manual_seed(seq)
+    x = torch.randn(seq, 1, shape["hidden_size"], generator=g).to(device, dtype).requires_grad_()
+    grad_out = torch.randn(seq, 1, shape["hidden_size"], generator=g).to(device, dtype)
+    kwargs = {} if part == "mlp" else {"attention_mask": None}
+    params = {name: list(m.to(device).parameters()) for name, m in modules.items()}
+
+    def step_of(module, name):
+        def step():
+            out = module(x, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            out.backward(grad_out)
+            return [out, x.grad, params[name][0].grad]
+        return step
+
+    def clear():
+        x.grad = None
+        for ps in params.values():
+            for p in ps:
+                p.grad = None
+
+    return Case(part, dict(seq=seq, **shape, dtype=str(dtype)[6:]),
+                {name: step_of(m, name) for name, m in modules.items()}, clear,
+                ["output", "input grad", "first weight grad"])
+
+
+def model_case(device, shape: Dict, layers: int, seq: int, dtype, vocab: int = VOCAB) -> Case:
+    config = make_config(shape, dtype, num_layers=layers, use_cpu_initialization=False,
+                         recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    models = {name: build_model(name, config, vocab, seq, ("auto", "auto")) for name in ("stock", "sdpa", "mst")}
+    weights = models["stock"].state_dict()
+    for model in models.values():
+        model.load_state_dict(weights, strict=True)
+    del weights
+    g = torch.Generator().manual_seed(seq)
+    tokens = torch.randint(0, vocab, (1, seq), generator=g).to(device)
+    labels = torch.randint(0, vocab, (1, seq), generator=g).to(device)
+    positions = torch.arange(seq, device=device).unsqueeze(0)
+
+    def step_of(model):
+        def step():
+            loss = model(tokens, positions, None, labels=labels)
+            loss.mean().backward()
+            return [loss, model.embedding.word_embeddings.weight.grad, model.output_layer.weight.grad]
+        return step
+
+    def clear():
+        for model in models.values():
+            model.zero_grad(set_to_none=True)
+
+    # From 64K a step takes seconds: the memory run is the warm-up, one timed round.
+    return Case("model", dict(seq=seq, layers=layers, **shape, vocab=vocab, dtype=str(dtype)[6:]),
+                {name: step_of(m) for name, m in models.items()}, clear,
+                ["loss", "embedding grad", "head weight grad"], rounds=(0, 1) if seq >= 65536 else None)
+
+
+def plan(args, device) -> List[Callable[[], Case]]:
+    """The cases to run, most important first (each is built only when its turn comes)."""
+    if args.quick:
+        small = dict(QUICK_SHAPE)
+        return [lambda: lm_head_case(device, 64, 512, torch.float32, vocab=4096),
+                lambda: module_case("mlp", device, small, 512, torch.float32),
+                lambda: module_case("layer", device, small, 256, torch.float32),
+                lambda: model_case(device, small, 2, 256, torch.float32, vocab=4096)]
+    bf16, fp32 = torch.bfloat16, torch.float32
+    cases = [lambda: lm_head_case(device, 4096, 8192, bf16),
+             lambda: lm_head_case(device, 1024, 8192, fp32),
+             lambda: module_case("mlp", device, LLAMA3_8B, 8192, bf16),
+             lambda: module_case("mlp", device, SHAPE, 8192, fp32),
+             lambda: module_case("layer", device, LLAMA3_8B, 8192, bf16),
+             lambda: lm_head_case(device, 4096, 32768, bf16),
+             lambda: module_case("mlp", device, LLAMA3_8B, 32768, bf16)]
+    cases += [lambda s=s: model_case(device, LLAMA3_8B, 4, s, bf16) for s in args.model_seqs]
+    return cases
+
+
+def summary_line(result: Dict) -> str:
+    keys = ("seq", "hidden_size", "hidden", "layers", "dtype")
+    head = f"{result['part']:7s} " + " ".join(f"{k}={result[k]}" for k in keys if k in result)
+    parts = []
+    for name, v in result["variants"].items():
+        if "memory" not in v:
+            parts.append(f"{name}: {'OOM' if v.get('oom') else 'skipped'}")
+            continue
+        text = f"{name}: {v['time_s'] * 1e3:.1f} ms"
+        if v["memory"]:
+            text += f", above floor {format_bytes(v['memory']['above_floor'])}"
+        if "time_ratio" in v:
+            text += f" (time x{v['time_ratio']:.3f}"
+            text += f", memory x{v['above_floor_ratio']:.4f})" if "above_floor_ratio" in v else ")"
+        if "rel_err" in v:
+            text += " err " + ",".join(f"{e:.1e}" for e in v["rel_err"].values())
+        parts.append(text)
+    return head + "\n    " + "\n    ".join(parts)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON report path")
+    p.add_argument("--model-seqs", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--time-budget", type=float, default=420.0,
+                   help="seconds; cases not started by then are listed as not run")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run (CPU too)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and not args.quick:
+        raise SystemExit("bench_cuda.py measures a CUDA GPU; without one only --quick (a smoke run) works")
+    import mst_megatron
+
+    started = time.perf_counter()
+    report = dict(benchmark=__doc__.split("\n\n")[0], config=vars(args), machine=start_one_rank(None))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        props = torch.cuda.get_device_properties(device)
+        report["gpu"] = dict(name=props.name, memory_bytes=props.total_memory, cuda=torch.version.cuda,
+                             tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    report["results"], report["not_run"] = [], []
+    out_of_memory: set = set()
+    for i, build in enumerate(plan(args, device)):
+        if time.perf_counter() - started > args.time_budget:
+            report["not_run"].append(i)
+            continue
+        case = build()
+        result = case.run(args, out_of_memory)
+        del case
+        free_memory()
+        report["results"].append(result)
+        print(summary_line(result), flush=True)
+        with open(args.out, "w") as f:  # after every case: a run cut short keeps what it measured
+            json.dump(report, f, indent=1)
+    report["seconds"] = time.perf_counter() - started
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out} ({report['seconds']:.0f} s; cases not run: {report['not_run']})")
+    mst_megatron.destroy_parallel()
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks, in one call on a CUDA machine: the CUDA tests (tests/test_cuda.py) and the GPU
+# benchmark (benchmarks/bench_cuda.py), writing logs and JSON under $OUT (default ./cuda-results).
+# Needs megatron-core importable; on the lent device machine it comes as a carried wheel in .whl/:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site:$PWD
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-cuda-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.csv"
+"$PY" -c "import torch, megatron.core; print('torch', torch.__version__, 'megatron-core', megatron.core.__version__)" \
+  | tee -a "$OUT/gpu.csv"
+"$PY" -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py --junitxml="$OUT/test_cuda.xml" 2>&1 \
+  | grep -v "Unknown MLP type" | tee "$OUT/test_cuda.log"
+tests_rc=${PIPESTATUS[0]}
+"$PY" benchmarks/bench_cuda.py --out "$OUT/bench_cuda.json" --time-budget "${BENCH_BUDGET_S:-330}" 2>&1 \
+  | grep -v "Unknown MLP type" | tee "$OUT/bench_cuda.log"
+bench_rc=${PIPESTATUS[0]}
+echo "tests rc=$tests_rc bench rc=$bench_rc"
+exit $(( tests_rc || bench_rc ))
