@@ -197,11 +197,17 @@ def module_case(part: str, device, shape: Dict, seq: int, dtype) -> Case:
 def model_case(device, shape: Dict, layers: int, seq: int, dtype, vocab: int = VOCAB) -> Case:
     config = make_config(shape, dtype, num_layers=layers, use_cpu_initialization=False,
                          recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    models = {name: build_model(name, config, vocab, seq, ("auto", "auto")) for name in ("stock", "sdpa", "mst")}
+    # megatron's torch norms are built on the CPU whatever the config: move every model.
+    models = {name: build_model(name, config, vocab, seq, ("auto", "auto")).to(device)
+              for name in ("stock", "sdpa", "mst")}
     weights = models["stock"].state_dict()
     for model in models.values():
         model.load_state_dict(weights, strict=True)
     del weights
+    if dtype != torch.float32:  # as megatron trains in bf16: every parameter bf16, the loss in fp32
+        from megatron.core.transformer.module import Float16Module
+
+        models = {name: Float16Module(config, model) for name, model in models.items()}
     g = torch.Generator().manual_seed(seq)
     tokens = torch.randint(0, vocab, (1, seq), generator=g).to(device)
     labels = torch.randint(0, vocab, (1, seq), generator=g).to(device)
@@ -211,7 +217,8 @@ def model_case(device, shape: Dict, layers: int, seq: int, dtype, vocab: int = V
         def step():
             loss = model(tokens, positions, None, labels=labels)
             loss.mean().backward()
-            return [loss, model.embedding.word_embeddings.weight.grad, model.output_layer.weight.grad]
+            inner = getattr(model, "module", model)
+            return [loss, inner.embedding.word_embeddings.weight.grad, inner.output_layer.weight.grad]
         return step
 
     def clear():

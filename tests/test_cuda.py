@@ -38,7 +38,8 @@ def rel_err(actual, expected):
 
 
 def cuda_config(**overrides):
-    """The tests' tiny Llama, initialised on the GPU."""
+    """The tests' tiny Llama, its linear layers initialised on the GPU (megatron's torch norms are
+    built on the CPU whatever the config: the models are moved with ``.cuda()``)."""
     return tiny_config(use_cpu_initialization=False, **overrides)
 
 
@@ -68,10 +69,9 @@ RECOMPUTE = {
 def test_mst_model_matches_stock_fp32(mlp_m, head_m, recompute, tied):
     """Whole MST model (MST layer spec + MST head) against stock GPTModel with the local spec."""
     config = cuda_config(**RECOMPUTE[recompute])
-    stock = stock_gpt(config, vocab_size=VOCAB, seq_length=S, tied=tied)
-    mst = mst_full_gpt(config, mlp_m, head_m, vocab_size=VOCAB, seq_length=S, tied=tied)
+    stock = stock_gpt(config, vocab_size=VOCAB, seq_length=S, tied=tied).cuda()
+    mst = mst_full_gpt(config, mlp_m, head_m, vocab_size=VOCAB, seq_length=S, tied=tied).cuda()
     mst.load_state_dict(stock.state_dict(), strict=True)
-    assert next(mst.parameters()).is_cuda
     loss_stock, loss_mst = weighted_step(stock), weighted_step(mst)
     assert rel_err(loss_mst, loss_stock) <= LOSS_TOL
     assert grad_error(grads_by_name([mst]), grads_by_name([stock])) <= GRAD_TOL
@@ -87,9 +87,9 @@ def test_mst_model_bf16(m):
     from megatron.core.transformer.module import Float16Module
 
     fp32, bf16 = cuda_config(), cuda_config(bf16=True)
-    truth = stock_gpt(fp32, vocab_size=VOCAB, seq_length=S)
-    stock16 = stock_gpt(fp32, vocab_size=VOCAB, seq_length=S)
-    mst16 = mst_full_gpt(fp32, S if m == "S" else m, S if m == "S" else m, vocab_size=VOCAB, seq_length=S)
+    truth = stock_gpt(fp32, vocab_size=VOCAB, seq_length=S).cuda()
+    stock16 = stock_gpt(fp32, vocab_size=VOCAB, seq_length=S).cuda()
+    mst16 = mst_full_gpt(fp32, S if m == "S" else m, S if m == "S" else m, vocab_size=VOCAB, seq_length=S).cuda()
     for model in (stock16, mst16):
         model.load_state_dict(truth.state_dict(), strict=True)
     stock16, mst16 = Float16Module(bf16, stock16), Float16Module(bf16, mst16)
