@@ -29,6 +29,7 @@ Cases (bf16 unless named; b=1):
 
     python benchmarks/bench_cuda.py --out results.json          # everything (~3-4 min on an H200)
     python benchmarks/bench_cuda.py --quick --out /tmp/q.json   # tiny shapes, seconds (CPU too)
+    python benchmarks/bench_cuda.py --reach 32 --out reach.json # Llama-3-8B: how long a sequence fits
 
 On a machine without CUDA (``--quick`` only) the same code runs on the CPU with wall-clock times
 and no memory figures: a smoke test of the script, not a measurement.
@@ -231,6 +232,51 @@ def model_case(device, shape: Dict, layers: int, seq: int, dtype, vocab: int = V
                 ["loss", "embedding grad", "head weight grad"], rounds=(0, 1) if seq >= 65536 else None)
 
 
+def reach(args, device, layers: int, save: Callable[[List[Dict]], None], dtype=torch.bfloat16) -> List[Dict]:
+    """How far each variant gets: a ``layers``-layer Llama-3-8B-shaped GPT (32 layers: the real
+    model), ``sdpa`` then ``mst``, one model at a time, one forward + backward per sequence length in
+    ``args.reach_seqs`` (ascending) until one runs out of memory. Weights, gradients and activations
+    only: no optimizer state (Adam's would not fit one GPU beside an 8B model's weights). ``save(rows)``
+    runs after every step."""
+    config = make_config(LLAMA3_8B, dtype, num_layers=layers, use_cpu_initialization=False,
+                         recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    from megatron.core.transformer.module import Float16Module
+
+    rows = []
+    for name in ("sdpa", "mst"):
+        model = Float16Module(config, build_model(name, config, VOCAB, max(args.reach_seqs), ("auto", "auto")).to(device))
+        for seq in sorted(args.reach_seqs):
+            g = torch.Generator().manual_seed(seq)
+            tokens, labels = (torch.randint(0, VOCAB, (1, seq), generator=g).to(device) for _ in range(2))
+            positions = torch.arange(seq, device=device).unsqueeze(0)
+            memory = {}
+
+            def step():
+                memory.update(measure_cuda_peak(
+                    lambda: model(tokens, positions, None, labels=labels).mean().backward()))
+
+            row = dict(part="reach", variant=name, layers=layers, seq=seq)
+            try:
+                row["time_s"] = cuda_seconds(step)
+                row["memory"] = memory
+                row["peak_bytes"] = memory["start"] + memory["peak_above_start"]
+            except torch.OutOfMemoryError as e:
+                row.update(oom=True, error=str(e).split("\n")[0][:200])
+            model.zero_grad(set_to_none=True)
+            del tokens, labels, positions
+            free_memory()
+            rows.append(row)
+            save(rows)
+            print(f"reach {name} layers={layers} S={seq}: "
+                  + ("OOM" if row.get("oom") else f"peak {format_bytes(row['peak_bytes'])}, {row['time_s']:.1f} s"),
+                  flush=True)
+            if row.get("oom"):
+                break
+        del model
+        free_memory()
+    return rows
+
+
 def plan(args, device) -> List[Callable[[], Case]]:
     """The cases to run, most important first (each is built only when its turn comes)."""
     if args.quick:
@@ -280,6 +326,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds; cases not started by then are listed as not run")
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run (CPU too)")
+    p.add_argument("--reach", type=int, metavar="LAYERS",
+                   help="instead of the cases: the longest sequence a LAYERS-layer Llama-3-8B-shaped GPT "
+                        "runs forward + backward, sdpa vs MST (see reach())")
+    p.add_argument("--reach-seqs", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     args = p.parse_args(argv)
     if not torch.cuda.is_available() and not args.quick:
         raise SystemExit("bench_cuda.py measures a CUDA GPU; without one only --quick (a smoke run) works")
@@ -292,10 +342,19 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         device = torch.device("cuda", torch.cuda.current_device())
         props = torch.cuda.get_device_properties(device)
         report["gpu"] = dict(name=props.name, memory_bytes=props.total_memory, cuda=torch.version.cuda,
-                             tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+                             tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                             alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     report["results"], report["not_run"] = [], []
+
+    def save(results):
+        report["results"] = results
+        with open(args.out, "w") as f:  # after every case: a run cut short keeps what it measured
+            json.dump(report, f, indent=1)
+
+    if args.reach:
+        reach(args, device, args.reach, save)
     out_of_memory: set = set()
-    for i, build in enumerate(plan(args, device)):
+    for i, build in enumerate([] if args.reach else plan(args, device)):
         if time.perf_counter() - started > args.time_budget:
             report["not_run"].append(i)
             continue
@@ -303,10 +362,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         result = case.run(args, out_of_memory)
         del case
         free_memory()
-        report["results"].append(result)
+        save(report["results"] + [result])
         print(summary_line(result), flush=True)
-        with open(args.out, "w") as f:  # after every case: a run cut short keeps what it measured
-            json.dump(report, f, indent=1)
     report["seconds"] = time.perf_counter() - started
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
