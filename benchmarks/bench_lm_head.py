@@ -161,8 +161,8 @@ def estimated_peak(num_chunks: Optional[int], tokens: int, vocab: int, hidden: i
         # logits; for 16-bit also the fp32 copy (softmax, then its gradient) and the 16-bit gradient
         per_logit = 4 if dtype == torch.float32 else 2 + 4 + 2
         return floor + per_logit * tokens * vocab
-    # fp32 chunks of logits and of their gradient (plus a 16-bit copy); for 16-bit weights the fp32
-    # weight-gradient accumulator
+    # an fp32 chunk of logits (its gradient in place, plus a 16-bit copy) and, twice over, a chunk of
+    # the backward's correction; for 16-bit weights the fp32 weight-gradient sum
     rows = -(-tokens // num_chunks)
     fp32_dw = 0 if dtype == torch.float32 else 4 * vocab * hidden
     return floor + 3 * 4 * rows * vocab + fp32_dw

@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mst_megatron.ops.linear_cross_entropy import DEFAULT_VOCAB_TILE
 from tests.multirank import run_on_ranks
 
 VOCAB = 256
@@ -192,9 +191,9 @@ def test_one_rank_matches_stock_ddp_bf16_logits_and_errors():
     run_on_ranks(_one_rank_body, 1)
 
 
-def _sequence_parallel_head(mini_sequences, vocab_tile):
-    """Head level under TP=2 + SP: stock's own SP output layer + cross-entropy vs the MST head
-    (``vocab_tile`` columns per logits tile).
+def _sequence_parallel_head(mini_sequences, mean_loss):
+    """Head level under TP=2 + SP: stock's own SP output layer + cross-entropy vs the MST head, for a
+    plain mean loss (nothing to correct in backward) or the non-uniform weighted loss.
 
     (A whole stock model cannot run SP here: the local spec's WrappedTorchNorm refuses it.)
     """
@@ -214,8 +213,10 @@ def _sequence_parallel_head(mini_sequences, vocab_tile):
     stock = head()
     mst = head()
     mst.load_state_dict(stock.state_dict())
-    MiniSequenceLMHead.adopt(mst, mini_sequences).vocab_tile = vocab_tile
+    MiniSequenceLMHead.adopt(mst, mini_sequences)
     _, _, labels, weights = batch(seed=1, s=S + 1)  # SP needs s divisible by TP
+    if mean_loss:
+        weights = torch.full_like(weights, 1.0 / weights.numel())
     hidden = torch.randn(S + 1, B, config.hidden_size, generator=torch.Generator().manual_seed(2))
     shard = hidden.chunk(2)[get_tensor_model_parallel_rank()]
 
@@ -231,7 +232,7 @@ def _sequence_parallel_head(mini_sequences, vocab_tile):
 
     ref = run(stock, stock_loss)
     got = run(mst, lambda layer, x: layer(x, labels=labels)[0])
-    case = f"TP=2+SP head M={mini_sequences} vocab tile {vocab_tile}"
+    case = f"TP=2+SP head M={mini_sequences} mean loss {mean_loss}"
     for what, actual, expected, tol in zip(
         ("loss", "hidden shard grad", "head weight grad"), got, ref, (LOSS_TOL, GRAD_TOL, GRAD_TOL)
     ):
@@ -258,8 +259,8 @@ def _tensor_parallel_body():
     gathered = stock(tokens, positions, None, labels=labels, runtime_gather_output=True)
     assert_close("stock TP=2 gathered", "loss - log 2", gathered - math.log(2), parallel, LOSS_TOL)
     for m in MINI_SEQUENCES:
-        for vocab_tile in (DEFAULT_VOCAB_TILE, 48):  # one tile per shard of 128; tiles of 48, 48, 32
-            _sequence_parallel_head(m, vocab_tile)
+        for mean_loss in (False, True):
+            _sequence_parallel_head(m, mean_loss)
     parallel_state.destroy_model_parallel()
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mst_megatron.ops.linear_cross_entropy import DEFAULT_VOCAB_TILE, linear_cross_entropy
+from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
 from tests.multirank import run_on_ranks
 
 aten = torch.ops.aten
@@ -19,9 +19,24 @@ def make_inputs(T, V, h, dtype=torch.float32, seed=0):
     hidden = torch.randn(T, h, generator=g).to(dtype)
     weight = (torch.randn(V, h, generator=g) / h**0.5).to(dtype)
     labels = torch.randint(0, V, (T,), generator=g)
-    grad_out = torch.rand(T, generator=g) * 2.0
-    grad_out[torch.rand(T, generator=g) < 0.3] = 0.0
-    return hidden, weight, labels, grad_out
+    return hidden, weight, labels, upstream_gradient("random", T, seed)
+
+
+# What the op's backward has to correct for: nothing (a mean over all tokens), the masked tokens (a
+# mean under a loss mask), the tokens kept when most are masked (the common value is 0), every token.
+GRADIENT_KINDS = ("mean", "masked mean", "mostly masked", "random")
+
+
+def upstream_gradient(kind, T, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    keep = torch.rand(T, generator=g) >= (0.8 if kind == "mostly masked" else 0.3)
+    if kind == "mean":
+        return torch.full((T,), 1.0 / T)
+    if kind in ("masked mean", "mostly masked"):
+        return keep.float() / keep.sum().clamp_min(1)
+    if kind == "random":
+        return torch.rand(T, generator=g) * 2.0 * keep
+    raise ValueError(kind)
 
 
 def reference(hidden, weight, labels, grad_out):
@@ -33,10 +48,10 @@ def reference(hidden, weight, labels, grad_out):
     return loss.detach(), h.grad, w.grad
 
 
-def run_op(hidden, weight, labels, grad_out, num_chunks, tp_group=None, vocab_tile=DEFAULT_VOCAB_TILE):
+def run_op(hidden, weight, labels, grad_out, num_chunks, tp_group=None):
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    loss = linear_cross_entropy(h, w, labels, num_chunks, tp_group=tp_group, vocab_tile=vocab_tile)
+    loss = linear_cross_entropy(h, w, labels, num_chunks, tp_group=tp_group)
     loss.backward(grad_out)
     return loss.detach(), h.grad, w.grad
 
@@ -50,17 +65,27 @@ def rel_err(actual, expected):
 T_FP32 = 29  # prime: no chunk count in {2, 7} divides it
 
 
-@pytest.mark.parametrize("vocab_tile", [DEFAULT_VOCAB_TILE, 7, 1])  # one tile; 8 tiles, the last 1 wide; 50
+@pytest.mark.parametrize("kind", GRADIENT_KINDS)
 @pytest.mark.parametrize("num_chunks", [1, 2, 7, T_FP32])
-def test_fp32_matches_full_logits(num_chunks, vocab_tile):
-    hidden, weight, labels, grad_out = make_inputs(T_FP32, 50, 16)
-    loss, dh, dw = run_op(hidden, weight, labels, grad_out, num_chunks, vocab_tile=vocab_tile)
+def test_fp32_matches_full_logits(num_chunks, kind):
+    hidden, weight, labels, _ = make_inputs(T_FP32, 50, 16)
+    grad_out = upstream_gradient(kind, T_FP32)
+    loss, dh, dw = run_op(hidden, weight, labels, grad_out, num_chunks)
     ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
     assert loss.dtype == torch.float32 and loss.shape == (T_FP32,)
     assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
     assert rel_err(loss, ref_loss) <= 1e-5
     assert rel_err(dh, ref_dh) <= 1e-4
     assert rel_err(dw, ref_dw) <= 1e-4
+
+
+def test_without_autograd_only_the_loss():
+    """Under ``torch.no_grad`` (evaluation) the op computes the loss alone: one GEMM per chunk."""
+    hidden, weight, labels, _ = make_inputs(T_FP32, 50, 16)
+    with torch.no_grad(), OpCounter() as ops:
+        loss = linear_cross_entropy(hidden.requires_grad_(), weight.requires_grad_(), labels, 7)
+    assert ops.gemms == 7 and loss.grad_fn is None
+    assert rel_err(loss, reference(hidden, weight, labels, torch.ones(T_FP32))[0]) <= 1e-5
 
 
 def test_single_token():
@@ -75,17 +100,16 @@ def test_single_token():
 
 def test_bf16_matches_fp32_reference_of_rounded_inputs():
     hidden, weight, labels, grad_out = make_inputs(37, 64, 32, dtype=torch.bfloat16)
-    loss, dh, dw = run_op(hidden, weight, labels, grad_out, 5, vocab_tile=16)
+    loss, dh, dw = run_op(hidden, weight, labels, grad_out, 5)
     ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
     assert loss.dtype == torch.float32
     assert dh.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
     # The logits GEMM outputs bf16 (unit roundoff 2^-9 ~ 2e-3 relative per logit). Logits here are
     # ~N(0, 1), so each carries an absolute error up to ~5e-3 that passes straight into the loss
     # (~log V ~ 4 plus spread): ~1e-3 of the max loss. Backward has that error inside exp (p off by up
-    # to ~5e-3 relative), one bf16 rounding of (softmax - onehot) * grad and one of each gradient GEMM
-    # output: a few 1e-3 of the max gradient. Measured over 5 seeds: loss <= 8e-4, dh and dW <= 6e-3;
-    # the bounds leave ~3x headroom. Bugs (wrong target, wrong scaling, a dropped chunk) give O(1).
-    # The 4 vocab tiles' gradient terms are summed in fp32, so tiling adds no bf16 rounding.
+    # to ~5e-3 relative), one bf16 rounding of softmax - onehot, one of each gradient GEMM output and
+    # one of dh times the upstream gradient: a few 1e-3 of the max gradient. Bugs (wrong target, wrong
+    # scaling, a dropped chunk) give O(1). The chunks' and the correction's dW terms sum in fp32.
     assert rel_err(loss, ref_loss) <= 3e-3
     assert rel_err(dh, ref_dh) <= 1.5e-2
     assert rel_err(dw, ref_dw) <= 1.5e-2
@@ -110,21 +134,28 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("kind", ["mean", "masked mean"])
 @pytest.mark.parametrize("frozen", ["weight", "hidden", "none"])
-def test_gemm_count_and_no_host_sync(frozen):
-    """A frozen head does no weight-gradient GEMM; frozen inputs do no dh GEMM; nothing syncs."""
-    num_chunks, vocab_tile, num_tiles = 4, 8, 4  # V=30: tiles of 8, 8, 8, 6
-    hidden, weight, labels, grad_out = make_inputs(23, 30, 8)
+def test_gemm_count(frozen, kind):
+    """Forward: the logits GEMM and the dh and dW GEMMs per chunk (none for a frozen input), and no
+    host sync. Backward: no GEMM for a mean loss; for a masked mean, the logits and dW GEMMs over the
+    masked tokens of each chunk that has some (a frozen head: none)."""
+    T, num_chunks = 23, 4
+    hidden, weight, labels, _ = make_inputs(T, 30, 8)
+    grad_out = upstream_gradient(kind, T)
+    masked = int((grad_out == 0).sum())
     h = hidden.clone().requires_grad_(frozen != "hidden")
     w = weight.clone().requires_grad_(frozen != "weight")
     with OpCounter() as fwd:
-        loss = linear_cross_entropy(h, w, labels, num_chunks, vocab_tile=vocab_tile)
+        loss = linear_cross_entropy(h, w, labels, num_chunks)
     with OpCounter() as bwd:
         loss.backward(grad_out)
-    assert fwd.gemms == num_chunks * num_tiles
-    # recompute + dh + dW per chunk and tile, minus the one whose input is frozen
-    assert bwd.gemms == num_chunks * num_tiles * (2 if frozen != "none" else 3)
-    assert fwd.syncs == [] and bwd.syncs == []
+    assert fwd.gemms == num_chunks * (3 if frozen == "none" else 2)
+    assert fwd.syncs == []
+    # chunks of 6, 6, 6, 5 tokens: the ones holding a masked token are corrected
+    chunks_with_masked = sum(bool((c == 0).any()) for c in grad_out.split([6, 6, 6, 5]))
+    assert masked > 0 or kind == "mean"
+    assert bwd.gemms == (2 * chunks_with_masked if kind == "masked mean" and frozen != "weight" else 0)
 
     ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
     assert rel_err(loss, ref_loss) <= 1e-5
@@ -138,15 +169,17 @@ def test_gemm_count_and_no_host_sync(frozen):
         assert rel_err(h.grad, ref_dh) <= 1e-4
 
 
-def test_weight_gradient_accumulated_exactly_once():
+def test_weight_gradient_once_and_a_second_backward_refused():
+    """dW reaches ``weight.grad`` once (an earlier MST implementation doubled it); the gradients are
+    scaled in place, so a second backward through the same forward is refused, not wrong."""
     hidden, weight, labels, grad_out = make_inputs(19, 24, 8)
     _, _, ref_dw = reference(hidden, weight, labels, grad_out)
     w = weight.clone().requires_grad_()
     loss = linear_cross_entropy(hidden.clone().requires_grad_(), w, labels, 3)
     loss.backward(grad_out, retain_graph=True)
     assert rel_err(w.grad, ref_dw) <= 1e-4
-    loss.backward(grad_out)
-    assert rel_err(w.grad, 2 * ref_dw) <= 1e-4
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward(grad_out)
 
 
 def _bad(hidden=(4, 2), weight=(5, 2), labels=(4,), num_chunks=1, hidden_dtype=torch.float32,
@@ -171,8 +204,9 @@ def _bad(hidden=(4, 2), weight=(5, 2), labels=(4,), num_chunks=1, hidden_dtype=t
         (_bad(num_chunks=5), "num_chunks"),
         (_bad(num_chunks=2.0), "num_chunks"),
         (_bad(num_chunks=True), "num_chunks"),
-        (_bad() + (None, 0), "vocab_tile"),
-        (_bad() + (None, 2.0), "vocab_tile"),
+        (_bad() + (True,), "tp_group"),
+        (_bad() + (None, 1), "sequence_parallel"),
+        (_bad() + (None, True), "sequence_parallel=True needs the tensor-parallel tp_group"),
     ],
 )
 def test_input_checks_name_the_argument(args, match):
@@ -193,7 +227,8 @@ def peak_extra_bytes(fn, *inputs):
 
 def test_memory_peak_far_below_full_logits():
     T, V, h, num_chunks = 512, 8192, 64, 16
-    hidden, weight, labels, grad_out = make_inputs(T, V, h)
+    hidden, weight, labels, _ = make_inputs(T, V, h)
+    grad_out = upstream_gradient("masked mean", T)
     full_logits_bytes = T * V * 4
     hidden.requires_grad_()
     weight.requires_grad_()
@@ -204,25 +239,20 @@ def test_memory_peak_far_below_full_logits():
     def full():
         F.cross_entropy(hidden @ weight.t(), labels, reduction="none").backward(grad_out)
 
-    def mst_tiled():
-        linear_cross_entropy(hidden, weight, labels, num_chunks, vocab_tile=V // 8).backward(grad_out)
-
     inputs = (hidden, weight, labels, grad_out)
     mst_extra = peak_extra_bytes(mst, *inputs)
-    hidden.grad = weight.grad = None
-    tiled_extra = peak_extra_bytes(mst_tiled, *inputs)
     hidden.grad = weight.grad = None
     ref_extra = peak_extra_bytes(full, *inputs)
     print(
         f"\nfull fp32 logits {full_logits_bytes / 2**20:.2f} MiB; peak above inputs: "
         f"MST(M={num_chunks}) {mst_extra / 2**20:.2f} MiB, full-logits CE {ref_extra / 2**20:.2f} MiB"
     )
-    # What MST may hold: dW (V*h fp32, an output), dh, one chunk of logits, per-token vectors.
-    assert mst_extra < 0.25 * full_logits_bytes
-    assert ref_extra > full_logits_bytes
-    # Eighth-width tiles hold an eighth of a chunk's logits: at least half a chunk less at the peak.
+    # What MST may hold: dW and dh (outputs), one chunk of logits and its 16-bit-free gradient (the
+    # same storage in fp32), a chunk of gathered hidden rows in the correction, per-token vectors.
     chunk_logits_bytes = full_logits_bytes // num_chunks
-    assert tiled_extra <= mst_extra - chunk_logits_bytes // 2, (tiled_extra, mst_extra)
+    outputs_bytes = 4 * (V * h + T * h)
+    assert mst_extra <= outputs_bytes + 1.25 * chunk_logits_bytes, (mst_extra, outputs_bytes, chunk_logits_bytes)
+    assert ref_extra > full_logits_bytes
 
 
 TP_T, TP_V, TP_H = 13, 40, 8
@@ -232,17 +262,18 @@ TP_LABELS_PINNED = {0: 3, 1: 31, 2: 20, 3: 19}  # rank 0's shard, rank 1's shard
 def _tp_body(num_chunks_list):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    hidden, weight, labels, grad_out = make_inputs(TP_T, TP_V, TP_H)  # same seed on every rank
+    hidden, weight, labels, _ = make_inputs(TP_T, TP_V, TP_H)  # same seed on every rank
     for pos, label in TP_LABELS_PINNED.items():
         labels[pos] = label
-    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
     v_local = TP_V // world
     shard = slice(rank * v_local, (rank + 1) * v_local)
     for num_chunks in num_chunks_list:
-        for vocab_tile in (DEFAULT_VOCAB_TILE, 3):  # 3: tiles of 3 over a shard of 20, the last 2 wide
-            loss, dh, dw = run_op(hidden, weight[shard], labels, grad_out, num_chunks, dist.group.WORLD, vocab_tile)
+        for kind in GRADIENT_KINDS:
+            grad_out = upstream_gradient(kind, TP_T)
+            ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+            loss, dh, dw = run_op(hidden, weight[shard], labels, grad_out, num_chunks, dist.group.WORLD)
             dist.all_reduce(dh)  # the caller's region function does this in the model
-            case = (num_chunks, vocab_tile)
+            case = (num_chunks, kind)
             assert rel_err(loss, ref_loss) <= 1e-5, case
             assert rel_err(dw, ref_dw[shard]) <= 1e-4, case
             assert rel_err(dh, ref_dh) <= 1e-4, case
@@ -250,3 +281,59 @@ def _tp_body(num_chunks_list):
 
 def test_tensor_parallel_two_ranks():
     run_on_ranks(_tp_body, 2, [1, 4, TP_T])
+
+
+SP_T_LOCAL = 15  # tokens per rank; 4 chunks of it are uneven (4, 4, 4, 3)
+
+
+class WidestRows(TorchDispatchMode):
+    """The most rows of any ``[rows, width]`` tensor an op returns inside it."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width, self.rows = width, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == self.width:
+                self.rows = max(self.rows, t.shape[0])
+        return out
+
+
+def _sp_body(num_chunks_list):
+    """Sequence parallelism: rank r holds tokens r * SP_T_LOCAL ... of the sequence and vocab shard r."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    T = SP_T_LOCAL * world
+    hidden, weight, labels, _ = make_inputs(T, TP_V, TP_H)  # same seed on every rank
+    for pos, label in TP_LABELS_PINNED.items():  # shard-edge labels on the first tokens of rank 0
+        labels[pos] = label
+    v_local = TP_V // world
+    shard = slice(rank * v_local, (rank + 1) * v_local)
+    rows = slice(rank * SP_T_LOCAL, (rank + 1) * SP_T_LOCAL)
+    for num_chunks in num_chunks_list:
+        for kind in GRADIENT_KINDS:
+            case = (num_chunks, kind)
+            grad_out = upstream_gradient(kind, T)
+            ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+            h = hidden[rows].clone().requires_grad_()
+            w = weight[shard].clone().requires_grad_()
+            with WidestRows(TP_H) as widest:
+                loss = linear_cross_entropy(h, w, labels, num_chunks, dist.group.WORLD, sequence_parallel=True)
+                saved_hidden = loss.grad_fn.saved_tensors[0]
+                loss.backward(grad_out)
+            # The loss of every token on every rank; dh complete (no reduction left to the caller).
+            assert rel_err(loss, ref_loss) <= 1e-5, case
+            assert rel_err(w.grad, ref_dw[shard]) <= 1e-4, case
+            assert rel_err(h.grad, ref_dh[rows]) <= 1e-4, case
+            # Backward keeps this rank's shard itself, not a gathered copy.
+            assert saved_hidden.shape == h.shape and saved_hidden.data_ptr() == h.data_ptr(), case
+            if num_chunks > 1:  # no tensor as tall as the gathered sequence, in forward or backward
+                assert widest.rows < T, (case, widest.rows)
+    with pytest.raises(ValueError, match=f"labels must be 1-D of length T={T}"):
+        linear_cross_entropy(hidden[rows], weight[shard], labels[rows], 1, dist.group.WORLD, sequence_parallel=True)
+
+
+def test_sequence_parallel_two_ranks():
+    run_on_ranks(_sp_body, 2, [1, 4, SP_T_LOCAL])

@@ -27,8 +27,9 @@ def test_cli_prints_layout_mst_counts_memory_and_flags(capsys):
     assert main(argv, CONFIGS) == 0
     out = capsys.readouterr().out
     assert "suggested: TP=2 (within a node) PP=1 CP=1 DP=4, sequence parallel on" in out, out
-    # Llama-3-8B: auto MLP chunks of h = 4096 tokens; head ceil(128256 / 4096) = 32 chunks
-    assert "mlp_mini_sequences=auto -> 32 chunks of 4096 tokens; lm_head_mini_sequences=auto -> 32 chunks" in out
+    # Llama-3-8B: auto MLP chunks of h = 4096 tokens; head ceil((128256 / TP) / 4096) = 16 chunks
+    assert ("mlp_mini_sequences=auto -> 32 chunks of 4096 tokens; "
+            "lm_head_mini_sequences=auto -> 16 chunks of 8192 tokens") in out
     assert re.search(r"expected peak per GPU: [0-9.]+ GiB = weights [0-9.]+ \+ gradients", out), out
     flags = out.split("flags: ")[1].splitlines()[0].split()
     assert flags[:2] == ["--max-position-embeddings", "131072"]  # the config says 8192
@@ -63,8 +64,8 @@ def test_memory_terms(llama3_8b):
     assert replicated.memory["optimizer"] == base.memory["optimizer"]
     # Explicit MST counts are used as given.
     counted = estimate_memory(llama3_8b, 131072, tp=8, pp=1, cp=1, dp=1, mlp_mini_sequences=8,
-                              lm_head_mini_sequences=4)
-    assert (counted.mlp_chunks, counted.head_chunks) == (8, 4) and counted.peak > base.peak
+                              lm_head_mini_sequences=2)
+    assert (counted.mlp_chunks, counted.head_chunks) == (8, 2) and counted.peak > base.peak
 
 
 def test_longer_sequences_need_more_model_parallelism(llama3_8b):

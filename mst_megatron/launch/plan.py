@@ -18,8 +18,9 @@ The memory model is an estimate on paper, not a measurement. Its assumptions:
   layer inputs of ``[S / (CP x TP), h]`` each;
 * on top of that, the larger of two working sets: one layer's recompute with flash attention (its
   SP-gathered input, QKV, attention output, the ring-attention key/value buffers under CP, one MST
-  chunk of the MLP, each with its gradient), or the MST LM head (its SP-gathered input and one chunk
-  of fp32 logits, one vocabulary tile wide, each with its gradient);
+  chunk of the MLP, each with its gradient), or the MST LM head (its input shard, one SP-gathered
+  chunk of it and that chunk's fp32 logits, each with its gradient, and its fp32 weight-gradient
+  sum);
 * no allowance for the allocator's fragmentation, communication buffers or the CUDA context: that
   is what ``reserve`` (a share of the GPU kept free) is for.
 """
@@ -102,7 +103,6 @@ def estimate_memory(shape, seq_length: int, tp: int, pp: int, cp: int, dp: int,
     import_megatron_quietly()
     from mst_megatron.modules.lm_head import lm_head_mini_sequence_count
     from mst_megatron.modules.mlp import mlp_mini_sequence_count
-    from mst_megatron.ops.linear_cross_entropy import DEFAULT_VOCAB_TILE
     from mst_megatron.training.model_config import padded_vocab_size
 
     h, L, ffn = shape.hidden_size, shape.num_layers, shape.ffn_hidden_size
@@ -119,18 +119,20 @@ def estimate_memory(shape, seq_length: int, tp: int, pp: int, cp: int, dp: int,
     s_local = s_cp // tp
     mlp_chunks = mlp_mini_sequence_count(mlp_mini_sequences, s_local, tp, h)  # SP whenever TP > 1
     mlp_tokens = math.ceil(s_cp / mlp_chunks)
-    head_chunks = lm_head_mini_sequence_count(lm_head_mini_sequences, s_cp, h)
+    head_chunks = min(lm_head_mini_sequence_count(lm_head_mini_sequences, s_cp, h, vocab // tp), s_local)
     head_tokens = math.ceil(s_cp / head_chunks)
     kv = 2 * shape.num_query_groups * (h // shape.num_attention_heads)
     layer_set = s_cp * (h + (h + kv) / tp + h / tp + (2 * kv / tp if cp > 1 else 0)) * BF16
     layer_set += mlp_tokens * (h + 3 * ffn / tp) * BF16 + 4 * s_local * h * BF16  # MLP chunk; residual stream
-    head_set = s_cp * h * BF16 + head_tokens * min(vocab // tp, DEFAULT_VOCAB_TILE) * FP32  # one logits tile
+    # The input shard, one gathered chunk of it and that chunk's fp32 logits.
+    head_set = s_local * h * BF16 + head_tokens * (h * BF16 + vocab // tp * FP32)
+    head_dw_sum = vocab // tp * h * FP32  # the head's fp32 weight-gradient sum, formed in forward
     memory = {
         "weights": params * BF16,
         "gradients": params * FP32,
         "optimizer": params * 3 * FP32 / optimizer_shards,
         "stored layer inputs": L * s_local * h * BF16,
-        "working set": 2 * max(layer_set, head_set),  # each tensor and its gradient
+        "working set": max(2 * layer_set, 2 * head_set + head_dw_sum),  # each tensor and its gradient
     }
     return Layout(tp, pp, cp, dp, mlp_chunks, mlp_tokens, head_chunks, head_tokens, memory)
 

@@ -20,10 +20,11 @@ class MSTGPTModel(GPTModel):
     """``GPTModel`` with a mini-sequence LM head + vocab-parallel cross-entropy.
 
     Args: those of ``GPTModel``, plus
-        lm_head_mini_sequences: int >= 1, or ``"auto"`` (default): chunks of about ``hidden_size``
-            tokens, each run in 8192-column vocabulary tiles, so the logits alive at once are one
-            ``[s*b/M, 8192]`` fp32 block (see :class:`~mst_megatron.modules.lm_head.MiniSequenceLMHead`).
-            Derived from global shapes (the same on every TP/SP/CP rank), clamped to the token count.
+        lm_head_mini_sequences: int >= 1, or ``"auto"`` (default): ``ceil(V/TP / hidden_size)``
+            chunks of at least ``hidden_size / 4`` tokens, so the one ``[s*b/M, V/TP]`` fp32 block of
+            logits alive at a time is about the hidden state's size (see
+            :class:`~mst_megatron.modules.lm_head.MiniSequenceLMHead`). Derived from global shapes
+            (the same on every TP/SP/CP rank), clamped to the token count.
 
     ``forward`` keeps the stock contract. With ``labels`` ``[b, s]``: the per-token loss ``[b, s]`` in
     fp32, computed chunk by chunk from the vocab-parallel logits (``runtime_gather_output`` and

@@ -1,10 +1,29 @@
 """Mini-sequence LM head fused with vocab-parallel cross-entropy.
 
 The full logits ``[T, V/TP]`` (plus the fp32 copy and softmax a plain cross-entropy keeps) are the
-largest activation of a long-sequence LM. This op never holds more than one chunk of logits: forward
-keeps only the per-token fp32 logsumexp, and backward recomputes each chunk's logits from the saved
-hidden states (one extra GEMM), so it stays exact for any upstream per-token gradient (loss masks,
-any normalisation applied by the caller).
+largest activation of a long-sequence LM. This op holds one chunk of them, ``[T/M, V/TP]`` in fp32,
+at a time.
+
+Forward does the work of backward as it goes: for each chunk of tokens it computes the logits (GEMM 1),
+the loss, the softmax gradient ``a = softmax - onehot`` in place of the logits, the chunk's hidden
+gradient before the upstream gradient is applied (``a W``, GEMM 2) and its share of the weight
+gradient (``a^T h``, GEMM 3, summed over chunks in fp32). Backward applies the per-token upstream
+gradient ``g``:
+
+* hidden gradient: row ``i`` times ``g_i``, exact for any ``g``;
+* weight gradient: ``sum_i g_i a_i^T h_i = c * (forward's sum) + sum_{i: g_i != c} (g_i - c) a_i^T h_i``,
+  ``c`` the most common value of ``g``. The second sum is recomputed, from the saved hidden states
+  and log-sum-exps, for those tokens only: none for a mean over all tokens, the masked ones under a
+  loss mask, all of them for arbitrary weights (then two more GEMMs over them).
+
+So a training step costs the three logits-sized GEMMs that stock megatron's costs (a recompute design
+costs four), and exactness never depends on what the caller does with the loss. Without autograd
+(``torch.no_grad``, evaluation) only the loss is computed.
+
+Under sequence parallelism each tensor-parallel rank holds a shard of the tokens and the vocabulary
+needs all of them: the op all-gathers one chunk of the shards at a time (again in backward for the
+chunks with tokens to correct) and reduce-scatters each chunk's hidden gradient back to its owner, so
+no rank ever holds the gathered hidden states of the whole sequence or their gradient.
 
 Pure torch + torch.distributed, so it can be tested without megatron-core.
 """
@@ -16,11 +35,11 @@ import torch.distributed as dist
 
 from mst_megatron.ops.chunking import chunk_sizes
 
-__all__ = ["linear_cross_entropy", "DEFAULT_VOCAB_TILE"]
+__all__ = ["linear_cross_entropy"]
 
-# Vocabulary columns per logits tile: with chunks of ~1K tokens a tile is 32 MiB in fp32, small next to
-# the weight, and wide enough that the tile GEMMs run at full speed.
-DEFAULT_VOCAB_TILE = 8192
+# torch 2.13 renamed the single-tensor collectives (the old names warn); torch 2.6 has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _tp_rank_and_size(tp_group) -> tuple:
@@ -37,9 +56,29 @@ def _local_targets(labels_c: torch.Tensor, vocab_start: int, vocab_local: int):
     return local.masked_fill(~in_range, 0).unsqueeze(1), in_range
 
 
-def _vocab_tiles(vocab_local: int, vocab_tile: int) -> List[tuple]:
-    """``(start, end)`` column ranges of at most ``vocab_tile`` columns covering this rank's shard."""
-    return [(v, min(v + vocab_tile, vocab_local)) for v in range(0, vocab_local, vocab_tile)]
+def _chunk_rows(hidden: torch.Tensor, start: int, end: int, tp_group, sequence_parallel: bool) -> torch.Tensor:
+    """Rows ``start:end`` of this rank's hidden states; under sequence parallelism those rows of every
+    rank of ``tp_group``, rank after rank (the tokens' order in the gathered sequence)."""
+    rows = hidden[start:end]
+    if not sequence_parallel:
+        return rows
+    gathered = rows.new_empty((dist.get_world_size(tp_group) * rows.shape[0], rows.shape[1]))
+    _all_gather_single(gathered, rows.contiguous(), group=tp_group)
+    return gathered
+
+
+def _sum_to_own_rows(grad_rows: torch.Tensor, tp_group) -> torch.Tensor:
+    """Inverse of the gather in :func:`_chunk_rows` for gradients: each rank's block summed over the
+    group (every rank computed a partial from its vocabulary shard), this rank's block returned."""
+    own = grad_rows.new_empty((grad_rows.shape[0] // dist.get_world_size(tp_group), grad_rows.shape[1]))
+    _reduce_scatter_single(own, grad_rows, group=tp_group)
+    return own
+
+
+def _subtract_onehot_(probs: torch.Tensor, labels_c: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """In place: ``probs - onehot(label)`` on this rank's shard (labels of other shards: no change)."""
+    idx, in_range = _local_targets(labels_c, vocab_start, probs.shape[1])
+    return probs.scatter_add_(1, idx, in_range.to(probs.dtype).neg_().unsqueeze(1))
 
 
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -50,101 +89,113 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Chunked ``logsumexp(h W^T) - (h W^T)[label]`` with recompute-in-backward.
+def _chunk_softmax(hidden_c, weight, labels_c, vocab_start: int, tp_group):
+    """One chunk's ``(softmax over the global vocab restricted to this shard [c, V_local] fp32, lse [c],
+    loss [c])``; the softmax lives in the logits' storage (the chunk's one logits-sized buffer)."""
+    logits = torch.mm(hidden_c, weight.t()).float()
+    idx, in_range = _local_targets(labels_c, vocab_start, weight.shape[0])
+    target = logits.gather(1, idx).squeeze(1).masked_fill_(~in_range, 0.0)
+    row_max = logits.amax(dim=1)
+    if tp_group is not None:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+    probs = logits.sub_(row_max.unsqueeze(1)).exp_()
+    stats = torch.stack((probs.sum(dim=1), target))
+    if tp_group is not None:  # one collective for both sums: off-shard ranks add 0 to the target
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
+    sum_exp, target = stats[0], stats[1]
+    probs.div_(sum_exp.unsqueeze(1))
+    lse = sum_exp.log_().add_(row_max)
+    return probs, lse, lse - target
 
-    Tokens go in ``sizes`` chunks; within a chunk the vocabulary shard goes in tiles of ``vocab_tile``
-    columns with a running (max, sum of exponentials) per token, so the logits alive at any time are
-    one ``[chunk, tile]`` block. Tiling keeps that block small while chunks stay long enough for
-    efficient GEMMs (each chunk streams the whole weight once).
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked ``logsumexp(h W^T) - (h W^T)[label]`` whose gradients are formed in forward (see the
+    module docstring).
+
+    This rank's rows of ``hidden`` go in ``sizes`` chunks. Under sequence parallelism each chunk is
+    gathered from every rank of the TP group, so the per-token vectors (labels, loss, log-sum-exp,
+    upstream gradient) are viewed as ``[tp_size, rows per rank]`` and a chunk is the same columns of
+    every row.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, sizes: List[int], vocab_tile: int, tp_group):
+    def forward(ctx, hidden, weight, labels, sizes: List[int], tp_group, sequence_parallel: bool,
+                with_grads: bool):
         tp_rank, tp_size = _tp_rank_and_size(tp_group)
-        vocab_local = weight.shape[0]
-        vocab_start = vocab_local * tp_rank
-        tiles = _vocab_tiles(vocab_local, vocab_tile)
-        labels = labels.long()
-        T = hidden.shape[0]
-        lse = torch.empty(T, dtype=torch.float32, device=hidden.device)
-        loss = torch.empty(T, dtype=torch.float32, device=hidden.device)
+        vocab_start = weight.shape[0] * tp_rank
+        blocks = tp_size if sequence_parallel else 1
+        labels = labels.long().reshape(blocks, -1)
+        need_dh = with_grads and ctx.needs_input_grad[0]
+        need_dw = with_grads and ctx.needs_input_grad[1]
+        lse = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        loss = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        # dh before g, for this rank's rows: complete under SP (reduce-scattered per chunk), else this
+        # rank's partial over its vocab shard (the caller reduces it over TP).
+        dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
+        # dW sums over chunks in fp32, so 16-bit heads do not lose small per-chunk terms.
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
 
         start = 0
         for size in sizes:
             end = start + size
-            hidden_c, labels_c = hidden[start:end], labels[start:end]
-            row_max = torch.full((size,), -float("inf"), dtype=torch.float32, device=hidden.device)
-            sum_exp = torch.zeros(size, dtype=torch.float32, device=hidden.device)
-            target = torch.zeros(size, dtype=torch.float32, device=hidden.device)
-            for v0, v1 in tiles:
-                # GEMM in the input dtype; softmax statistics in fp32 (the fp32 copy is this tile's only).
-                logits = torch.mm(hidden_c, weight[v0:v1].t()).float()
-                idx, in_range = _local_targets(labels_c, vocab_start + v0, v1 - v0)
-                target += logits.gather(1, idx).squeeze(1).masked_fill_(~in_range, 0.0)
-                new_max = torch.maximum(row_max, logits.amax(dim=1))
-                sum_exp.mul_(row_max.sub_(new_max).exp_()).add_(logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
-                row_max = new_max
-                del logits  # freed before the next GEMM: one tile of logits alive at a time
-            if tp_size > 1:
-                global_max = row_max.clone()
-                dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-                sum_exp.mul_(row_max.sub_(global_max).exp_())
-                row_max = global_max
-                # One collective for both sums: off-shard ranks contribute 0 to the target logit.
-                stats = torch.stack((sum_exp, target))
-                dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
-                sum_exp, target = stats[0], stats[1]
-            lse_c = sum_exp.log_().add_(row_max)
-            lse[start:end] = lse_c
-            loss[start:end] = lse_c - target
+            hidden_c = _chunk_rows(hidden, start, end, tp_group, sequence_parallel)
+            labels_c = labels[:, start:end].reshape(-1)
+            probs, lse_c, loss_c = _chunk_softmax(hidden_c, weight, labels_c, vocab_start, tp_group)
+            lse[:, start:end] = lse_c.view(blocks, -1)
+            loss[:, start:end] = loss_c.view(blocks, -1)
+            if need_dh or need_dw:
+                grad_logits = _subtract_onehot_(probs, labels_c, vocab_start).to(hidden.dtype)
+                if need_dh and sequence_parallel:
+                    dh[start:end] = _sum_to_own_rows(torch.mm(grad_logits, weight), tp_group)
+                elif need_dh:
+                    torch.mm(grad_logits, weight, out=dh[start:end])
+                if need_dw:
+                    _add_product(dw, grad_logits.t(), hidden_c)
+                del grad_logits
+            del probs, hidden_c  # freed before the next chunk: one chunk of logits alive at a time
             start = end
 
-        ctx.save_for_backward(hidden, weight, labels, lse)
+        # Only this rank's rows of hidden are kept: the correction in backward gathers a chunk again.
+        ctx.save_for_backward(hidden, weight, labels, lse, dh, dw)
         ctx.sizes = sizes
-        ctx.tiles = tiles
         ctx.vocab_start = vocab_start
-        return loss
+        ctx.tp_group, ctx.tp_rank, ctx.sequence_parallel = tp_group, tp_rank, sequence_parallel
+        return loss.view(-1)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        compute_dtype = hidden.dtype
-        grad_loss = grad_loss.float()
-
-        # dh is this rank's partial sum over its vocab shard; the caller reduces it over TP. Sums over
-        # tiles and chunks run in fp32, so bf16/fp16 heads do not lose small per-tile terms.
-        dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
-        dw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-
-        start = 0
-        for size in ctx.sizes:
-            end = start + size
-            hidden_c, labels_c = hidden[start:end], labels[start:end]
-            lse_c, grad_c = lse[start:end].unsqueeze(1), grad_loss[start:end].unsqueeze(1)
-            dh_c = torch.zeros((size, hidden.shape[1]), dtype=torch.float32, device=hidden.device) if need_dh else None
-            for v0, v1 in ctx.tiles:
-                weight_t = weight[v0:v1]
-                # softmax - onehot, scaled per token by the upstream gradient, all in fp32.
-                grad_logits = torch.mm(hidden_c, weight_t.t()).float()
-                grad_logits.sub_(lse_c).exp_()
-                idx, in_range = _local_targets(labels_c, ctx.vocab_start + v0, v1 - v0)
-                grad_logits.scatter_add_(1, idx, in_range.to(grad_logits.dtype).neg_().unsqueeze(1))
-                grad_logits.mul_(grad_c)
-                grad_logits = grad_logits.to(compute_dtype)
-                if need_dh:
-                    _add_product(dh_c, grad_logits, weight_t)
-                if need_dw:
-                    _add_product(dw_acc[v0:v1], grad_logits.t(), hidden_c)
-                del grad_logits  # as in forward: one tile of logits alive at a time
-            if need_dh:
-                dh[start:end] = dh_c
-            start = end
-
-        # dW is returned once and never also written to weight.grad (that doubled it in earlier MST code).
-        dw = dw_acc.to(weight.dtype) if need_dw else None
-        return dh, dw, None, None, None, None
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError(
+                "linear_cross_entropy's backward runs once per forward (its gradients are formed in "
+                "forward and scaled in place): retain_graph / a second backward is not supported"
+            )
+        ctx.backward_done = True
+        hidden, weight, labels, lse, dh, dw = ctx.saved_tensors
+        g = grad_loss.float().view(lse.shape)
+        if dh is not None:  # row i times g_i, computed in fp32 and rounded once to dh's dtype
+            dh.mul_(g[ctx.tp_rank if ctx.sequence_parallel else 0].unsqueeze(1))
+        if dw is not None:
+            values, counts = torch.unique(g, return_counts=True)
+            common = values[counts.argmax()]
+            dw.mul_(common)
+            differs = g != common  # the same on every TP rank, as g is: so are the gathers below
+            start = 0
+            for size in ctx.sizes:
+                end = start + size
+                rows = differs[:, start:end].reshape(-1).nonzero().squeeze(1)
+                if rows.numel():
+                    hidden_r = _chunk_rows(hidden, start, end, ctx.tp_group, ctx.sequence_parallel)[rows]
+                    lse_r = lse[:, start:end].reshape(-1)[rows]
+                    g_r = g[:, start:end].reshape(-1)[rows]
+                    probs = torch.mm(hidden_r, weight.t()).float().sub_(lse_r.unsqueeze(1)).exp_()
+                    labels_r = labels[:, start:end].reshape(-1)[rows]
+                    grad_logits = _subtract_onehot_(probs, labels_r, ctx.vocab_start).mul_((g_r - common).unsqueeze(1))
+                    _add_product(dw, grad_logits.to(hidden.dtype).t(), hidden_r)
+                    del probs, grad_logits, hidden_r
+                start = end
+            # dW is returned once and never also written to weight.grad (that doubled it in earlier MST code).
+            dw = dw.to(weight.dtype)
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -153,18 +204,24 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     num_chunks: int,
     tp_group: Optional["dist.ProcessGroup"] = None,
-    vocab_tile: int = DEFAULT_VOCAB_TILE,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """hidden [T, h] (any float dtype), weight [V_local, h] (this rank's vocab shard, rows
     V_local*tp_rank ... V_local*(tp_rank+1)-1 of the global vocab), labels [T] int64 global ids.
     Returns the per-token loss [T] in fp32: logsumexp over the GLOBAL vocab minus the target logit.
 
-    The T tokens are processed in ``num_chunks`` near-equal mini-sequences (none dropped), and each
-    chunk's logits in tiles of at most ``vocab_tile`` vocabulary columns; every rank
-    of ``tp_group`` must pass the same ``num_chunks`` and T, since each chunk runs two collectives.
-    ``dh`` is this rank's partial (reduce it over TP outside); ``tp_group=None`` means no TP. A label
-    outside ``[0, V)`` (e.g. an ignore index) gets target logit 0, as in megatron's
-    ``vocab_parallel_cross_entropy``: mask it with the upstream gradient.
+    The T tokens are processed in ``num_chunks`` near-equal mini-sequences (none dropped), each holding
+    one ``[T/num_chunks, V_local]`` fp32 block of logits; every rank of ``tp_group`` must pass the same
+    ``num_chunks`` and T, since each chunk runs collectives, and backward the same upstream gradient
+    (as megatron's loss functions give it). ``dh`` is this rank's partial (reduce it over TP outside);
+    ``tp_group=None`` means no TP. A label outside ``[0, V)`` (e.g. an ignore index) gets target logit
+    0, as in megatron's ``vocab_parallel_cross_entropy``: mask it with the upstream gradient. Backward
+    may run once per forward.
+
+    ``sequence_parallel=True``: ``hidden`` is this rank's shard ``[T_local, h]`` of tokens sharded over
+    ``tp_group`` rank after rank; ``labels`` and the returned loss cover all ``T = tp_size * T_local``
+    tokens in that order; ``num_chunks`` splits the shard (at most ``T_local``); and ``dh`` comes back
+    complete for this rank's rows (nothing left for the caller to reduce).
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [T, h], got shape {tuple(hidden.shape)}")
@@ -177,14 +234,20 @@ def linear_cross_entropy(
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    T = hidden.shape[0]
+    if not isinstance(sequence_parallel, bool):
+        raise TypeError(f"sequence_parallel must be a bool, got {sequence_parallel!r}")
+    if tp_group is not None and not isinstance(tp_group, dist.ProcessGroup):
+        raise TypeError(f"tp_group must be a torch.distributed ProcessGroup or None, got {tp_group!r}")
+    if sequence_parallel and tp_group is None:
+        raise ValueError("sequence_parallel=True needs the tensor-parallel tp_group its tokens are sharded over")
+    T = hidden.shape[0] * (dist.get_world_size(tp_group) if sequence_parallel else 1)
     if labels.dim() != 1 or labels.shape[0] != T:
-        raise ValueError(f"labels must be 1-D of length T={T} (from hidden), got shape {tuple(labels.shape)}")
+        source = "from hidden and the tp_group size" if sequence_parallel else "from hidden"
+        raise ValueError(f"labels must be 1-D of length T={T} ({source}), got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int):
         raise TypeError(f"num_chunks must be an int, got {num_chunks!r}")
-    if isinstance(vocab_tile, bool) or not isinstance(vocab_tile, int) or vocab_tile < 1:
-        raise ValueError(f"vocab_tile must be an int >= 1, got {vocab_tile!r}")
-    sizes = chunk_sizes(T, num_chunks)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, sizes, vocab_tile, tp_group)
+    sizes = chunk_sizes(hidden.shape[0], num_chunks)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, sizes, tp_group, sequence_parallel,
+                                     torch.is_grad_enabled())
