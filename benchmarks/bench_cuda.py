@@ -278,22 +278,23 @@ def reach(args, device, layers: int, save: Callable[[List[Dict]], None], dtype=t
 
 
 def plan(args, device) -> List[Callable[[], Case]]:
-    """The cases to run, most important first (each is built only when its turn comes)."""
+    """The cases to run, most important first (each is built only when its turn comes), as
+    ``(part, builder)`` pairs."""
     if args.quick:
         small = dict(QUICK_SHAPE)
-        return [lambda: lm_head_case(device, 64, 512, torch.float32, vocab=4096),
-                lambda: module_case("mlp", device, small, 512, torch.float32),
-                lambda: module_case("layer", device, small, 256, torch.float32),
-                lambda: model_case(device, small, 2, 256, torch.float32, vocab=4096)]
+        return [("lm_head", lambda: lm_head_case(device, 64, 512, torch.float32, vocab=4096)),
+                ("mlp", lambda: module_case("mlp", device, small, 512, torch.float32)),
+                ("layer", lambda: module_case("layer", device, small, 256, torch.float32)),
+                ("model", lambda: model_case(device, small, 2, 256, torch.float32, vocab=4096))]
     bf16, fp32 = torch.bfloat16, torch.float32
-    cases = [lambda: lm_head_case(device, 4096, 8192, bf16),
-             lambda: lm_head_case(device, 1024, 8192, fp32),
-             lambda: module_case("mlp", device, LLAMA3_8B, 8192, bf16),
-             lambda: module_case("mlp", device, SHAPE, 8192, fp32),
-             lambda: module_case("layer", device, LLAMA3_8B, 8192, bf16),
-             lambda: lm_head_case(device, 4096, 32768, bf16),
-             lambda: module_case("mlp", device, LLAMA3_8B, 32768, bf16)]
-    cases += [lambda s=s: model_case(device, LLAMA3_8B, 4, s, bf16) for s in args.model_seqs]
+    cases = [("lm_head", lambda: lm_head_case(device, 4096, 8192, bf16)),
+             ("lm_head", lambda: lm_head_case(device, 1024, 8192, fp32)),
+             ("mlp", lambda: module_case("mlp", device, LLAMA3_8B, 8192, bf16)),
+             ("mlp", lambda: module_case("mlp", device, SHAPE, 8192, fp32)),
+             ("layer", lambda: module_case("layer", device, LLAMA3_8B, 8192, bf16)),
+             ("lm_head", lambda: lm_head_case(device, 4096, 32768, bf16)),
+             ("mlp", lambda: module_case("mlp", device, LLAMA3_8B, 32768, bf16))]
+    cases += [("model", lambda s=s: model_case(device, LLAMA3_8B, 4, s, bf16)) for s in args.model_seqs]
     return cases
 
 
@@ -326,6 +327,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds; cases not started by then are listed as not run")
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run (CPU too)")
+    p.add_argument("--parts", nargs="+", choices=("lm_head", "mlp", "layer", "model"),
+                   help="run only the cases of these parts (default: all)")
     p.add_argument("--reach", type=int, metavar="LAYERS",
                    help="instead of the cases: the longest sequence a LAYERS-layer Llama-3-8B-shaped GPT "
                         "runs forward + backward, sdpa vs MST (see reach())")
@@ -354,7 +357,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.reach:
         reach(args, device, args.reach, save)
     out_of_memory: set = set()
-    for i, build in enumerate([] if args.reach else plan(args, device)):
+    cases = [] if args.reach else [(p, b) for p, b in plan(args, device) if not args.parts or p in args.parts]
+    for i, (_, build) in enumerate(cases):
         if time.perf_counter() - started > args.time_budget:
             report["not_run"].append(i)
             continue

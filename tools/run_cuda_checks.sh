@@ -16,7 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py --junitxml="$OUT/test_cuda.xml" 2>&1 \
   | grep -v "Unknown MLP type" | tee "$OUT/test_cuda.log"
 tests_rc=${PIPESTATUS[0]}
-"$PY" benchmarks/bench_cuda.py --out "$OUT/bench_cuda.json" --time-budget "${BENCH_BUDGET_S:-330}" 2>&1 \
+# shellcheck disable=SC2086  # BENCH_ARGS: extra flags, e.g. "--parts lm_head model"
+"$PY" benchmarks/bench_cuda.py --out "$OUT/bench_cuda.json" --time-budget "${BENCH_BUDGET_S:-330}" ${BENCH_ARGS:-} 2>&1 \
   | grep -v "Unknown MLP type" | tee "$OUT/bench_cuda.log"
 bench_rc=${PIPESTATUS[0]}
 echo "tests rc=$tests_rc bench rc=$bench_rc"
