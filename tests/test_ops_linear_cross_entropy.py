@@ -173,6 +173,8 @@ def _bad(hidden=(4, 2), weight=(5, 2), labels=(4,), num_chunks=1, hidden_dtype=t
         (_bad(num_chunks=True), "num_chunks"),
         (_bad() + (None, 0), "vocab_tile"),
         (_bad() + (None, 2.0), "vocab_tile"),
+        (_bad() + (None, DEFAULT_VOCAB_TILE, True), "tp_group"),
+        (_bad() + (None, DEFAULT_VOCAB_TILE, 1), "sequence_parallel"),
     ],
 )
 def test_input_checks_name_the_argument(args, match):
@@ -250,3 +252,59 @@ def _tp_body(num_chunks_list):
 
 def test_tensor_parallel_two_ranks():
     run_on_ranks(_tp_body, 2, [1, 4, TP_T])
+
+
+SP_T_LOCAL = 15  # tokens per rank; 4 chunks of it are uneven (4, 4, 4, 3)
+
+
+class WidestRows(TorchDispatchMode):
+    """The most rows of any ``[rows, width]`` tensor an op returns inside it."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width, self.rows = width, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == self.width:
+                self.rows = max(self.rows, t.shape[0])
+        return out
+
+
+def _sp_body(num_chunks_list):
+    """Sequence parallelism: rank r holds tokens r * SP_T_LOCAL ... of the sequence and vocab shard r."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    T = SP_T_LOCAL * world
+    hidden, weight, labels, grad_out = make_inputs(T, TP_V, TP_H)  # same seed on every rank
+    for pos, label in TP_LABELS_PINNED.items():  # shard-edge labels on the first tokens of rank 0
+        labels[pos] = label
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+    v_local = TP_V // world
+    shard = slice(rank * v_local, (rank + 1) * v_local)
+    rows = slice(rank * SP_T_LOCAL, (rank + 1) * SP_T_LOCAL)
+    for num_chunks in num_chunks_list:
+        for vocab_tile in (DEFAULT_VOCAB_TILE, 3):
+            case = (num_chunks, vocab_tile)
+            h = hidden[rows].clone().requires_grad_()
+            w = weight[shard].clone().requires_grad_()
+            with WidestRows(TP_H) as widest:
+                loss = linear_cross_entropy(h, w, labels, num_chunks, dist.group.WORLD, vocab_tile,
+                                            sequence_parallel=True)
+                saved_hidden = loss.grad_fn.saved_tensors[0]
+                loss.backward(grad_out)
+            # The loss of every token on every rank; dh complete (no reduction left to the caller).
+            assert rel_err(loss, ref_loss) <= 1e-5, case
+            assert rel_err(w.grad, ref_dw[shard]) <= 1e-4, case
+            assert rel_err(h.grad, ref_dh[rows]) <= 1e-4, case
+            # Backward keeps this rank's shard itself, not a gathered copy.
+            assert saved_hidden.shape == h.shape and saved_hidden.data_ptr() == h.data_ptr(), case
+            if num_chunks > 1:  # no tensor as tall as the gathered sequence, in forward or backward
+                assert widest.rows < T, (case, widest.rows)
+    with pytest.raises(ValueError, match=f"labels must be 1-D of length T={T}"):
+        linear_cross_entropy(hidden[rows], weight[shard], labels[rows], 1, dist.group.WORLD, sequence_parallel=True)
+
+
+def test_sequence_parallel_two_ranks():
+    run_on_ranks(_sp_body, 2, [1, 4, SP_T_LOCAL])

@@ -18,8 +18,8 @@ The memory model is an estimate on paper, not a measurement. Its assumptions:
   layer inputs of ``[S / (CP x TP), h]`` each;
 * on top of that, the larger of two working sets: one layer's recompute with flash attention (its
   SP-gathered input, QKV, attention output, the ring-attention key/value buffers under CP, one MST
-  chunk of the MLP, each with its gradient), or the MST LM head (its SP-gathered input and one chunk
-  of fp32 logits, one vocabulary tile wide, each with its gradient);
+  chunk of the MLP, each with its gradient), or the MST LM head (its input shard, one SP-gathered
+  chunk of it and one chunk of fp32 logits, one vocabulary tile wide, each with its gradient);
 * no allowance for the allocator's fragmentation, communication buffers or the CUDA context: that
   is what ``reserve`` (a share of the GPU kept free) is for.
 """
@@ -119,12 +119,13 @@ def estimate_memory(shape, seq_length: int, tp: int, pp: int, cp: int, dp: int,
     s_local = s_cp // tp
     mlp_chunks = mlp_mini_sequence_count(mlp_mini_sequences, s_local, tp, h)  # SP whenever TP > 1
     mlp_tokens = math.ceil(s_cp / mlp_chunks)
-    head_chunks = lm_head_mini_sequence_count(lm_head_mini_sequences, s_cp, h)
+    head_chunks = lm_head_mini_sequence_count(lm_head_mini_sequences, s_local, tp, h)
     head_tokens = math.ceil(s_cp / head_chunks)
     kv = 2 * shape.num_query_groups * (h // shape.num_attention_heads)
     layer_set = s_cp * (h + (h + kv) / tp + h / tp + (2 * kv / tp if cp > 1 else 0)) * BF16
     layer_set += mlp_tokens * (h + 3 * ffn / tp) * BF16 + 4 * s_local * h * BF16  # MLP chunk; residual stream
-    head_set = s_cp * h * BF16 + head_tokens * min(vocab // tp, DEFAULT_VOCAB_TILE) * FP32  # one logits tile
+    # The input shard, one gathered chunk of it and one logits tile of that chunk.
+    head_set = s_local * h * BF16 + head_tokens * (h * BF16 + min(vocab // tp, DEFAULT_VOCAB_TILE) * FP32)
     memory = {
         "weights": params * BF16,
         "gradients": params * FP32,

@@ -5,7 +5,9 @@ Stock ``GPTModel`` computes ``[s, b, V/TP]`` logits and then the vocab-parallel 
 keeps an fp32 softmax of the same size). With labels, this head instead runs
 :func:`mst_megatron.ops.linear_cross_entropy.linear_cross_entropy`: at most one tile of one chunk of
 logits (``[T/M, 8192]`` of the ``[T, V/TP]``) alive at a time in forward and in backward (backward
-recomputes it: one extra logits GEMM). Without labels it is the stock layer, bit for bit.
+recomputes it: one extra logits GEMM). Under sequence parallelism the op all-gathers the hidden
+state one chunk at a time, so no rank holds the gathered hidden state of the whole sequence or its
+gradient. Without labels it is the stock layer, bit for bit.
 
 The chunk loop runs inside this module's ``forward`` so that megatron DDP's overlapped parameter
 all-gather, which waits in a forward pre-hook of the module that owns the weight, has finished before
@@ -18,13 +20,10 @@ from typing import Optional
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mst_megatron.ops.chunking import AUTO, ChunkCount, resolve_chunk_count, validate_chunk_count
+from mst_megatron.ops.chunking import AUTO, ChunkCount, local_chunk_count, validate_chunk_count
 from mst_megatron.ops.linear_cross_entropy import DEFAULT_VOCAB_TILE, linear_cross_entropy
 
 __all__ = ["MiniSequenceLMHead", "check_head_options", "lm_head_mini_sequence_count"]
@@ -44,10 +43,12 @@ def check_head_options(config: TransformerConfig, mini_sequences: ChunkCount) ->
     return mini_sequences
 
 
-def lm_head_mini_sequence_count(mini_sequences: ChunkCount, num_tokens: int, hidden_size: int) -> int:
-    """The head's chunk rule from plain numbers (the parallel-size planner uses it too): ``"auto"`` is
-    chunks of about ``hidden_size`` tokens, ``ceil(num_tokens / hidden_size)``; clamped to ``num_tokens``."""
-    return resolve_chunk_count(mini_sequences, PARAM, num_tokens, auto_tokens_per_chunk=hidden_size)
+def lm_head_mini_sequence_count(mini_sequences: ChunkCount, local_tokens: int, sp_size: int, hidden_size: int) -> int:
+    """The head's chunk rule from plain numbers (the parallel-size planner uses it too): ``local_tokens``
+    per rank, ``sp_size`` the TP size under sequence parallelism (else 1). ``"auto"`` is chunks of about
+    ``hidden_size`` tokens of the gathered sequence, ``ceil(local_tokens * sp_size / hidden_size)``;
+    clamped to ``local_tokens``."""
+    return local_chunk_count(mini_sequences, PARAM, local_tokens, sp_size, auto_tokens_per_chunk=hidden_size)
 
 
 class MiniSequenceLMHead(ColumnParallelLinear):
@@ -57,9 +58,9 @@ class MiniSequenceLMHead(ColumnParallelLinear):
     for the logits GEMMs to run at full speed (each chunk streams the whole weight once). Within a
     chunk the vocabulary shard goes in tiles of ``DEFAULT_VOCAB_TILE`` (8192) columns, so the logits
     alive at once are one ``[T/M, 8192]`` fp32 block (32 MiB at ``h = 1024``) whatever the vocabulary.
-    The count depends only on global shapes (hidden size and the token count after the
-    sequence-parallel gather), so every rank of the TP group runs the same chunks; it is clamped to the
-    token count.
+    Under sequence parallelism each chunk is a slice of the local shard, all-gathered over TP inside
+    the op. The count depends only on the hidden size and the token counts (equal on every rank of the
+    TP group), so every rank runs the same chunks; it is clamped to the local token count.
     """
 
     mini_sequences: ChunkCount  # set by adopt()
@@ -81,9 +82,10 @@ class MiniSequenceLMHead(ColumnParallelLinear):
         layer.mini_sequences = mini_sequences
         return layer
 
-    def num_chunks(self, num_tokens: int) -> int:
-        """Mini-sequences for ``num_tokens`` tokens (every token of the TP group's sequence)."""
-        return lm_head_mini_sequence_count(self.mini_sequences, num_tokens, self.input_size)
+    def num_chunks(self, local_tokens: int) -> int:
+        """Mini-sequences for this rank's ``local_tokens`` tokens (its sequence-parallel shard, if any)."""
+        sp_size = self.tp_group.size() if self.sequence_parallel else 1
+        return lm_head_mini_sequence_count(self.mini_sequences, local_tokens, sp_size, self.input_size)
 
     def forward(
         self,
@@ -108,23 +110,24 @@ class MiniSequenceLMHead(ColumnParallelLinear):
         global token ids in ``[0, vocab)``; returns the per-token loss ``[b, s]`` in fp32."""
         weight = self._head_weight(weight)
         self._check_labels(input_, labels)
-        # megatron's own region functions: their backward reduces the op's partial dh over TP
-        # (all-reduce), or reduce-scatters it back to the sequence shard under SP.
-        if self.sequence_parallel:
-            hidden = gather_from_sequence_parallel_region(input_, group=self.tp_group)
-        else:
+        # Under SP the op gathers the shard chunk by chunk and returns the complete dh. Otherwise
+        # megatron's region function all-reduces the op's partial dh over TP in backward.
+        hidden = input_
+        if not self.sequence_parallel:
             hidden = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        s, b, h = hidden.shape
+        s_local, b, h = hidden.shape
         # Row i * b + j of the flattened [s, b] tokens is position i of sequence j: labels transposed.
+        # Under SP that is also the order of the TP ranks' flattened shards one after the other.
         loss = linear_cross_entropy(
-            hidden.reshape(s * b, h),
+            hidden.reshape(s_local * b, h),
             weight,
-            labels.t().reshape(s * b),
-            self.num_chunks(s * b),
+            labels.t().reshape(-1),
+            self.num_chunks(s_local * b),
             tp_group=self.tp_group,
             vocab_tile=self.vocab_tile,
+            sequence_parallel=self.sequence_parallel,
         )
-        return loss.view(s, b).t().contiguous()
+        return loss.view(labels.shape[1], b).t().contiguous()
 
     def _head_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:
         """The weight to use: ``weight`` (tied embeddings) or the layer's own, as the stock forward."""
