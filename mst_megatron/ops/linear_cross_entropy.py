@@ -148,7 +148,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         compute_dtype = hidden.dtype
-        grad_loss = grad_loss.float().view(lse.shape)
+        grad_loss = grad_loss.float().reshape(lse.shape)
 
         # Each rank's dh is its partial sum over its vocab shard: reduce-scattered here per chunk under
         # sequence parallelism, else reduced over TP by the caller. Sums over tiles, chunks and ranks
