@@ -41,8 +41,9 @@ LAYOUTS = {
     "dp2-cp2-auto-recompute": dict(cp=2, S=260, b=1, mb=1, mlp="auto", head="auto", parallel=FULL_RECOMPUTE),
     # 10 local tokens, 2 K/V groups for 4 CP ranks (replicated x2)
     "cp4": dict(cp=4, S=40, b=2, mb=2, mlp=3, head=7),
-    # 18 CP-local tokens, 9 per SP shard (M=4); 2 heads and 1 K/V group per TP rank (replicated x2)
-    "tp2-cp2-sp": dict(tp=2, cp=2, S=36, b=2, mb=2, mlp=4, head=7, parallel=SP),
+    # 74 CP-local tokens, 37 per SP shard (M=4; head M=7 of 74 tokens); the QKV projection gathers them
+    # in ceil(74 / 64) = 2 chunks (19 and 18 per rank); 2 heads and 1 K/V group per TP rank (replicated x2)
+    "tp2-cp2-sp": dict(tp=2, cp=2, S=148, b=2, mb=2, mlp=4, head=7, parallel=SP),
     "pp2-cp2": dict(pp=2, cp=2, S=36, b=2, mb=4, mlp=4, head=7),
 }
 WORLD_SIZE = 4
@@ -108,10 +109,10 @@ def run_layout(name, layout, work_dir):
     chunks = wrap_ddp([model], config)
     loss = forward_backward(chunks, tokens, labels)
     ref_grads = {f"0.{n}": p.detach() for n, p in expected.named_parameters()}
-    local_tokens = layout["S"] // layout["cp"]  # per CP rank; the head sees them for the whole micro-batch
-    sp = layout.get("tp", 1) if config.sequence_parallel else 1
+    # Tokens per CP (and SP) rank, which the MLP and head chunk; the head sees them for the whole micro-batch.
+    local_tokens = layout["S"] // layout["cp"] // (layout.get("tp", 1) if config.sequence_parallel else 1)
     result = dict(case=name, grad_err=grad_error(grads_by_name(chunks), ref_grads), counts=counts,
-                  mlp_tokens=local_tokens // sp, head_tokens=local_tokens * layout["b"])
+                  mlp_tokens=local_tokens, head_tokens=local_tokens * layout["b"])
     if loss is not None:
         result["loss_err"] = abs(loss - ref_loss) / abs(ref_loss)
     ps.destroy_model_parallel()

@@ -16,11 +16,11 @@ The memory model is an estimate on paper, not a measurement. Its assumptions:
 * full activation recomputation, sequence parallelism whenever TP > 1, micro-batch size 1, and the
   1F1B schedule, so the first stage keeps PP micro-batches of layer inputs: in all, ``num_layers``
   layer inputs of ``[S / (CP x TP), h]`` each;
-* on top of that, the larger of two working sets: one layer's recompute with flash attention (its
-  SP-gathered input, QKV, attention output, the ring-attention key/value buffers under CP, one MST
-  chunk of the MLP, each with its gradient), or the MST LM head (its input shard, one SP-gathered
-  chunk of it and that chunk's fp32 logits, each with its gradient, and its fp32 weight-gradient
-  sum);
+* on top of that, the larger of two working sets: one layer's recompute with flash attention (the
+  output projection's whole-sequence partial sums before their reduce-scatter, QKV, attention output,
+  the ring-attention key/value buffers under CP, one MST chunk of the MLP, each with its gradient),
+  or the MST LM head (its input shard, one SP-gathered chunk of it and that chunk's fp32 logits, each
+  with its gradient, and its fp32 weight-gradient sum);
 * no allowance for the allocator's fragmentation, communication buffers or the CUDA context: that
   is what ``reserve`` (a share of the GPU kept free) is for.
 """

@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mst_megatron.ops.chunking import AUTO, ChunkCount, resolve_chunk_count, validate_chunk_count
+from mst_megatron.ops.chunking import AUTO, ChunkCount, local_chunk_count, validate_chunk_count
 from mst_megatron.ops.mini_sequence import GemmsLeftEmpty, mini_sequence_apply
 
 __all__ = ["MiniSequenceMLP", "mlp_mini_sequence_count"]
@@ -110,8 +110,7 @@ def mlp_mini_sequence_count(mlp_mini_sequences: ChunkCount, local_length: int, s
     """The rule of :meth:`MiniSequenceMLP.num_mini_sequences`, from plain numbers (the parallel-size
     planner uses it too): ``local_length`` tokens per rank, ``sp_size`` the TP size under sequence
     parallelism (else 1)."""
-    count = resolve_chunk_count(mlp_mini_sequences, PARAM, local_length * sp_size, auto_tokens_per_chunk=hidden_size)
-    return min(count, local_length)
+    return local_chunk_count(mlp_mini_sequences, PARAM, local_length, sp_size, auto_tokens_per_chunk=hidden_size)
 
 
 def _check_config(config: TransformerConfig, is_expert: bool) -> None:

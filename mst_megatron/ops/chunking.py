@@ -35,6 +35,15 @@ def resolve_chunk_count(value: ChunkCount, name: str, length: int, auto_tokens_p
     return min(value, length)
 
 
+def local_chunk_count(value: ChunkCount, name: str, local_length: int, sp_size: int, auto_tokens_per_chunk: int) -> int:
+    """Chunks of a rank's ``local_length`` tokens when each chunk is all-gathered from the ``sp_size``
+    ranks of a sequence-parallel group (1: no gather): ``"auto"`` gives gathered chunks of about
+    ``auto_tokens_per_chunk`` tokens, and the count is clamped to ``local_length``. The lengths are
+    equal on every rank of the group, so is the count."""
+    count = resolve_chunk_count(value, name, local_length * sp_size, auto_tokens_per_chunk)
+    return min(count, local_length)
+
+
 def chunk_sizes(length: int, num_chunks: int) -> List[int]:
     """Sizes of ``num_chunks`` near-equal chunks covering ``length`` (the first ones one larger)."""
     if not 1 <= num_chunks <= length:

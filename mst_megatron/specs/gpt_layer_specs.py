@@ -2,9 +2,12 @@
 
 :func:`get_gpt_mst_layer_spec` is a drop-in for megatron-core's ``get_gpt_layer_local_spec()``: the
 same ``TransformerLayer`` with the same parameter names (a stock model's ``state_dict`` loads with
-``strict=True``), with three modules swapped:
+``strict=True``), with four modules swapped:
 
 * the MLP for :class:`~mst_megatron.modules.mlp.MiniSequenceMLP` (the point of MST);
+* the attention's QKV projection for
+  :class:`~mst_megatron.modules.linear.MiniSequenceColumnParallelLinear`, which under sequence
+  parallelism all-gathers its input one chunk at a time instead of the whole sequence;
 * the norms for :mod:`mst_megatron.modules.norm` ones, which allow sequence parallelism (the stock
   local norm refuses it);
 * the core attention for :class:`~mst_megatron.modules.attention.SDPAttention`, which never builds
@@ -29,6 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mst_megatron.modules.attention import SDPAttention
+from mst_megatron.modules.linear import MiniSequenceColumnParallelLinear
 from mst_megatron.modules.mlp import MiniSequenceMLP
 from mst_megatron.modules.norm import NORMS
 from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
@@ -44,7 +48,8 @@ def get_gpt_mst_layer_spec(
     qk_layernorm: bool = False,
     backend: str = "local",
 ) -> ModuleSpec:
-    """``TransformerLayer`` spec: local linears, SP-aware norms, SDPA core attention, chunked MLP.
+    """``TransformerLayer`` spec: local linears (QKV chunked under SP), SP-aware norms, SDPA core
+    attention, chunked MLP.
 
     Args:
         mlp_mini_sequences: chunks per MLP call, an int >= 1 or ``"auto"`` (see
@@ -67,7 +72,7 @@ def get_gpt_mst_layer_spec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=linears.column_parallel_linear(),
+                    linear_qkv=MiniSequenceColumnParallelLinear,
                     core_attention=SDPAttention,
                     linear_proj=linears.row_parallel_linear(),
                     q_layernorm=norm if qk_layernorm else IdentityOp,
