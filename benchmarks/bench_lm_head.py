@@ -4,7 +4,8 @@ Stock is what ``GPTModel`` does with labels: megatron's ``ColumnParallelLinear``
 the ``[s, b, V]`` logits, then ``compute_language_model_loss`` (the vocab-parallel cross-entropy,
 with labels transposed to ``[s, b]``). MST is the same layer object promoted to
 :class:`mst_megatron.modules.lm_head.MiniSequenceLMHead` and given the labels: one chunk of logits at
-a time, recomputed in backward (one extra logits GEMM: 4 GEMMs of ``T x h x V`` instead of 3).
+a time, its gradients formed in forward (stock's 3 GEMMs of ``T x h x V``; the mean loss here leaves
+nothing to recompute in backward).
 
 Peak memory comes from :func:`mst_megatron.tools.memory.measure_peak` (``MemTracker``; the CPU
 allocator's figure is reported too). The *floor* is what any implementation must hold: the head
@@ -16,10 +17,10 @@ is reported as not measured, with its estimate, instead of risking the machine.
     python benchmarks/bench_lm_head.py --quick          # tiny sizes, seconds
     python benchmarks/bench_lm_head.py --bf16 --seq-lengths 8192
 
-``results/bench_lm_head.json`` (S = 2K, 8K, 32K) was run with ``--mini-sequences auto 8 --threads 1``
-before the op tiled the vocabulary, when ``auto`` meant ``ceil(V / h)`` chunks; on a 2-core machine
-shared with other jobs (load averages are recorded). ``results/bench_lm_head_8k_tiled*.json`` are the
-current op at S = 8K with ``--threads 2`` on a quiet machine (``auto`` = 8 chunks, 32, and 2).
+``results/bench_lm_head_8k_fused*.json`` are the current op at S = 8K with ``--threads 2`` on a quiet
+machine. Earlier designs, kept for comparison: ``results/bench_lm_head.json`` (S = 2K, 8K, 32K,
+``--threads 1``, a shared machine) recomputed the logits in backward with whole-vocabulary chunks,
+``results/bench_lm_head_8k_tiled*.json`` (``--threads 2``, quiet) in 8192-column vocabulary tiles.
 
 The helpers (``floor_bytes``, ``measure_memory``, ``interleaved_times``, ``mem_available_bytes``,
 ``add_ratios``, ``print_table``) take any step function, so whole-model comparisons can reuse them.
