@@ -369,8 +369,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         save(report["results"] + [result])
         print(summary_line(result), flush=True)
     report["seconds"] = time.perf_counter() - started
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    save(report["results"])
     print(f"wrote {args.out} ({report['seconds']:.0f} s; cases not run: {report['not_run']})")
     mst_megatron.destroy_parallel()
     return report

@@ -11,7 +11,7 @@ import torch
 
 from mst_megatron.tools.memory import measure_cuda_peak
 from tests.models import mst_full_gpt, stock_gpt, tiny_config
-from tests.training import grad_error, grads_by_name
+from tests.training import assert_bf16_grads_as_close_as_stock, grad_error, grads_by_name
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -95,11 +95,7 @@ def test_mst_model_bf16(m):
     stock16, mst16 = Float16Module(bf16, stock16), Float16Module(bf16, mst16)
     losses = [weighted_step(model).sum() for model in (truth, stock16, mst16)]
     assert abs(losses[2] - losses[1]) / abs(losses[0]) <= 1e-3, losses
-    g32, g_stock, g_mst = grads_by_name([truth]), grads_by_name([stock16]), grads_by_name([mst16])
-    for name, ref in g32.items():
-        assert g_mst[name].dtype == torch.bfloat16
-        stock_err = grad_error({name: g_stock[name]}, {name: ref})
-        assert grad_error({name: g_mst[name]}, {name: ref}) <= 2 * stock_err + 2**-8, name
+    assert_bf16_grads_as_close_as_stock(truth, stock16, mst16)
 
 
 def test_lm_head_memory_and_exactness():

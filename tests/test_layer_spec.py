@@ -18,7 +18,15 @@ import torch
 import mst_megatron
 from tests.models import mst_gpt, stock_gpt, tiny_config
 from tests.multirank import run_on_ranks
-from tests.training import fixed_batches, forward_backward, grad_error, grads_by_name, unwrap, wrap_ddp
+from tests.training import (
+    assert_bf16_grads_as_close_as_stock,
+    fixed_batches,
+    forward_backward,
+    grad_error,
+    grads_by_name,
+    unwrap,
+    wrap_ddp,
+)
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
 CHUNK_COUNTS = (1, 2, 3, 8, "S")  # "S": one token per chunk
@@ -201,11 +209,7 @@ def test_bf16_tp1(m):
     stock16, mst16 = Float16Module(bf16, stock16), Float16Module(bf16, mst16)
     losses = [forward_backward([model], tokens, labels) for model in (truth, stock16, mst16)]
     assert abs(losses[2] - losses[1]) / abs(losses[0]) <= 1e-4, losses
-    g32, g_stock, g_mst = grads_by_name([truth]), grads_by_name([stock16]), grads_by_name([mst16])
-    for name, ref in g32.items():
-        assert g_mst[name].dtype == torch.bfloat16
-        stock_err = grad_error({name: g_stock[name]}, {name: ref})
-        assert grad_error({name: g_mst[name]}, {name: ref}) <= 2 * stock_err + 2**-8, name
+    assert_bf16_grads_as_close_as_stock(truth, stock16, mst16)
 
 
 @pytest.mark.parametrize("normalization,qk_layernorm", [("RMSNorm", False), ("LayerNorm", True)])

@@ -91,6 +91,18 @@ def grad_error(got, ref):
     return worst
 
 
+def assert_bf16_grads_as_close_as_stock(truth, stock16, mst16):
+    """Every bf16 MST gradient no further from the fp32 model's (``truth``) than twice the stock bf16
+    gradient's error plus one bf16 unit roundoff (2^-8) of the gradient's max."""
+    import torch
+
+    g32, g_stock, g_mst = grads_by_name([truth]), grads_by_name([stock16]), grads_by_name([mst16])
+    for name, ref in g32.items():
+        assert g_mst[name].dtype == torch.bfloat16
+        stock_err = grad_error({name: g_stock[name]}, {name: ref})
+        assert grad_error({name: g_mst[name]}, {name: ref}) <= 2 * stock_err + 2**-8, name
+
+
 def wrap_ddp(chunks, config):
     """megatron's DDP + finalize_model_grads: what all-reduces SP norm gradients over TP."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
