@@ -119,7 +119,7 @@ def estimate_memory(shape, seq_length: int, tp: int, pp: int, cp: int, dp: int,
     s_local = s_cp // tp
     mlp_chunks = mlp_mini_sequence_count(mlp_mini_sequences, s_local, tp, h)  # SP whenever TP > 1
     mlp_tokens = math.ceil(s_cp / mlp_chunks)
-    head_chunks = min(lm_head_mini_sequence_count(lm_head_mini_sequences, s_cp, h, vocab // tp), s_local)
+    head_chunks = lm_head_mini_sequence_count(lm_head_mini_sequences, s_local, tp, h, vocab // tp)
     head_tokens = math.ceil(s_cp / head_chunks)
     kv = 2 * shape.num_query_groups * (h // shape.num_attention_heads)
     layer_set = s_cp * (h + (h + kv) / tp + h / tp + (2 * kv / tp if cp > 1 else 0)) * BF16

@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mst_megatron.ops.chunking import AUTO, ChunkCount, resolve_chunk_count, validate_chunk_count
+from mst_megatron.ops.chunking import AUTO, ChunkCount, local_chunk_count, validate_chunk_count
 from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["MiniSequenceLMHead", "check_head_options", "lm_head_mini_sequence_count"]
@@ -44,19 +44,19 @@ def check_head_options(config: TransformerConfig, mini_sequences: ChunkCount) ->
     return mini_sequences
 
 
-def lm_head_mini_sequence_count(mini_sequences: ChunkCount, num_tokens: int, hidden_size: int,
+def lm_head_mini_sequence_count(mini_sequences: ChunkCount, local_tokens: int, sp_size: int, hidden_size: int,
                                 vocab_per_rank: int) -> int:
-    """The head's chunk rule from plain numbers (the parallel-size planner uses it too).
+    """The head's chunk rule from plain numbers (the parallel-size planner uses it too):
+    ``local_tokens`` per rank, ``sp_size`` the TP size under sequence parallelism (else 1).
 
     ``"auto"``: ``ceil(vocab_per_rank / hidden_size)`` chunks, so a chunk's logits hold about as many
-    numbers as the whole hidden state, but chunks of at least ``hidden_size / 4`` tokens (256 at
-    hidden 1024), below which the logits GEMMs slow down (each chunk streams the whole weight). An int
-    is used as given. Clamped to ``num_tokens``.
+    numbers as the whole (gathered) hidden state, but chunks of at least ``hidden_size / 4`` gathered
+    tokens (256 at hidden 1024), below which the logits GEMMs slow down (each chunk streams the whole
+    weight). An int is used as given. Clamped to ``local_tokens``.
     """
-    if mini_sequences == AUTO:
-        tokens_per_chunk = max(-(-hidden_size // 4), -(-num_tokens * hidden_size // vocab_per_rank))
-        return resolve_chunk_count(AUTO, PARAM, num_tokens, auto_tokens_per_chunk=tokens_per_chunk)
-    return resolve_chunk_count(mini_sequences, PARAM, num_tokens, auto_tokens_per_chunk=1)
+    num_tokens = local_tokens * sp_size
+    tokens_per_chunk = max(-(-hidden_size // 4), -(-num_tokens * hidden_size // vocab_per_rank))
+    return local_chunk_count(mini_sequences, PARAM, local_tokens, sp_size, auto_tokens_per_chunk=tokens_per_chunk)
 
 
 class MiniSequenceLMHead(ColumnParallelLinear):
@@ -89,13 +89,10 @@ class MiniSequenceLMHead(ColumnParallelLinear):
         return layer
 
     def num_chunks(self, local_tokens: int) -> int:
-        """Mini-sequences of this rank's ``local_tokens`` tokens: the rule of
-        :func:`lm_head_mini_sequence_count` on the TP group's whole sequence (the SP shards together),
-        at most one chunk per local token."""
+        """Mini-sequences of this rank's ``local_tokens`` tokens (its sequence-parallel shard, if any)."""
         sp_size = self.tp_group.size() if self.sequence_parallel else 1
-        count = lm_head_mini_sequence_count(self.mini_sequences, local_tokens * sp_size, self.input_size,
-                                            self.output_size_per_partition)
-        return min(count, local_tokens)
+        return lm_head_mini_sequence_count(self.mini_sequences, local_tokens, sp_size, self.input_size,
+                                           self.output_size_per_partition)
 
     def forward(
         self,
