@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
+from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy, vocab_blocks
 from tests.multirank import run_on_ranks
 
 aten = torch.ops.aten
@@ -79,6 +79,21 @@ def test_fp32_matches_full_logits(num_chunks, kind):
     assert rel_err(dw, ref_dw) <= 1e-4
 
 
+@pytest.mark.parametrize("threads, vocab, blocks", [(1, 60, 1), (3, 60, 3), (4, 50, 2), (2, 37, 1)])
+def test_vocab_blocks_match_full_logits(threads, vocab, blocks, monkeypatch):
+    """On a CPU the vocab shard runs in one block per thread, fewer when the thread count does not
+    divide it: every split gives the full-logits loss and gradients."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    hidden, weight, labels, _ = make_inputs(T_FP32, vocab, 16)
+    grad_out = upstream_gradient("masked mean", T_FP32)
+    assert vocab_blocks(weight) == blocks
+    loss, dh, dw = run_op(hidden, weight, labels, grad_out, 7)
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert rel_err(dh, ref_dh) <= 1e-4
+    assert rel_err(dw, ref_dw) <= 1e-4
+
+
 def test_without_autograd_only_the_loss():
     """Under ``torch.no_grad`` (evaluation) the op computes the loss alone: one GEMM per chunk."""
     hidden, weight, labels, _ = make_inputs(T_FP32, 50, 16)
@@ -118,7 +133,8 @@ def test_bf16_matches_fp32_reference_of_rounded_inputs():
 class OpCounter(TorchDispatchMode):
     """Counts GEMMs and host syncs (``.item()``/``nonzero`` and friends) dispatched inside it."""
 
-    GEMMS = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm_.default, aten.addmm.out}
+    GEMMS = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm_.default, aten.addmm.out,
+             aten.bmm.default, aten.bmm.out, aten.baddbmm.default, aten.baddbmm_.default, aten.baddbmm.out}
     SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
 
     def __init__(self):

@@ -49,11 +49,14 @@ def _tp_rank_and_size(tp_group) -> tuple:
     return dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
-def _local_targets(labels_c: torch.Tensor, vocab_start: int, vocab_local: int):
-    """Column of each label in this rank's shard (clamped to 0 when off-shard) and the in-shard mask."""
+def _target_index(labels_c: torch.Tensor, vocab_start: int, logits_shape: torch.Size):
+    """Where each label sits in a chunk's logits ``[blocks, c, block_cols]`` (this rank's vocab shard in
+    equal blocks): the ``(block, row, column)`` index, clamped to 0 when off-shard, and the in-shard mask."""
+    blocks, rows, block_cols = logits_shape
     local = labels_c - vocab_start
-    in_range = (local >= 0) & (local < vocab_local)
-    return local.masked_fill(~in_range, 0).unsqueeze(1), in_range
+    in_range = (local >= 0) & (local < blocks * block_cols)
+    local = local.masked_fill(~in_range, 0)
+    return (local // block_cols, torch.arange(rows, device=local.device), local % block_cols), in_range
 
 
 def _chunk_rows(hidden: torch.Tensor, start: int, end: int, tp_group, sequence_parallel: bool) -> torch.Tensor:
@@ -76,34 +79,87 @@ def _sum_to_own_rows(grad_rows: torch.Tensor, tp_group) -> torch.Tensor:
 
 
 def _subtract_onehot_(probs: torch.Tensor, labels_c: torch.Tensor, vocab_start: int) -> torch.Tensor:
-    """In place: ``probs - onehot(label)`` on this rank's shard (labels of other shards: no change)."""
-    idx, in_range = _local_targets(labels_c, vocab_start, probs.shape[1])
-    return probs.scatter_add_(1, idx, in_range.to(probs.dtype).neg_().unsqueeze(1))
+    """In place on ``[blocks, c, block_cols]``: ``probs - onehot(label)`` on this rank's shard (labels
+    of other shards: no change)."""
+    index, in_range = _target_index(labels_c, vocab_start, probs.shape)
+    return probs.index_put_(index, in_range.to(probs.dtype).neg_(), accumulate=True)
 
 
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in fp32 whatever the dtype of ``a`` and ``b``."""
+    """``acc += a @ b`` (batched when 3-D) with ``acc`` in fp32 whatever the dtype of ``a`` and ``b``."""
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        (acc.addmm_ if a.dim() == 2 else acc.baddbmm_)(a, b)
     else:
-        acc.add_(torch.mm(a, b))
+        acc.add_(torch.matmul(a, b))
 
 
-def _chunk_softmax(hidden_c, weight, labels_c, vocab_start: int, tp_group):
-    """One chunk's ``(softmax over the global vocab restricted to this shard [c, V_local] fp32, lse [c],
-    loss [c])``; the softmax lives in the logits' storage (the chunk's one logits-sized buffer)."""
-    logits = torch.mm(hidden_c, weight.t()).float()
-    idx, in_range = _local_targets(labels_c, vocab_start, weight.shape[0])
-    target = logits.gather(1, idx).squeeze(1).masked_fill_(~in_range, 0.0)
-    row_max = logits.amax(dim=1)
+def vocab_blocks(weight: torch.Tensor) -> int:
+    """Equal blocks the vocab shard is split into for the chunk GEMMs, run as one batched GEMM.
+
+    On a CPU, one block per torch thread (the largest count up to that dividing the shard): MKL then
+    runs a block per thread, which multiplies chunks of a few hundred tokens about 10% faster than its
+    own threading of one ``[c, h] x [h, V]`` GEMM (2 threads, ``benchmarks/bench_lm_head.py``). Elsewhere
+    one block, a plain GEMM.
+    """
+    if weight.device.type != "cpu" or not weight.is_contiguous():
+        return 1
+    vocab = weight.shape[0]
+    return max(n for n in range(1, torch.get_num_threads() + 1) if vocab % n == 0)
+
+
+class _ChunkGemms:
+    """A chunk's three GEMMs against the weight viewed as ``[blocks, V_local/blocks, h]``, and the
+    logits-sized buffers they share, allocated once per call and reused by every chunk (a fresh
+    ``[c, V_local]`` block per chunk costs the allocator's page faults each time). ``fp32`` holds the
+    logits, then the softmax gradient; for 16-bit inputs ``low`` holds the GEMMs' 16-bit operand."""
+
+    def __init__(self, rows: int, weight: torch.Tensor, blocks: int):
+        self.weight = weight.unflatten(0, (blocks, -1))  # a view: blocks > 1 only for a contiguous weight
+        self.fp32 = weight.new_empty(blocks * rows * self.weight.shape[1], dtype=torch.float32)
+        self.low = None if weight.dtype == torch.float32 else torch.empty_like(self.fp32, dtype=weight.dtype)
+
+    def _view(self, buffer: torch.Tensor, rows: int) -> torch.Tensor:
+        blocks, block_cols, _ = self.weight.shape
+        return buffer[: blocks * rows * block_cols].view(blocks, rows, block_cols)
+
+    def logits(self, hidden_c: torch.Tensor) -> torch.Tensor:
+        """``hidden_c W^T`` in fp32 as ``[blocks, c, V_local/blocks]``."""
+        hidden_b = hidden_c.expand(self.weight.shape[0], *hidden_c.shape)
+        logits = self._view(self.fp32, hidden_c.shape[0])
+        if self.low is None:
+            return torch.bmm(hidden_b, self.weight.transpose(1, 2), out=logits)
+        return logits.copy_(torch.bmm(hidden_b, self.weight.transpose(1, 2), out=self._view(self.low, hidden_c.shape[0])))
+
+    def as_input_dtype(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        """``grad_logits`` (a view of ``fp32``) in the GEMMs' dtype."""
+        if self.low is None:
+            return grad_logits
+        return self._view(self.low, grad_logits.shape[1]).copy_(grad_logits)
+
+    def hidden_grad(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        """``grad_logits W``: ``[c, h]``."""
+        return torch.bmm(grad_logits, self.weight).sum(0)
+
+    def add_weight_grad(self, dw: torch.Tensor, grad_logits: torch.Tensor, hidden_c: torch.Tensor) -> None:
+        """``dw += grad_logits^T hidden_c`` (``dw`` fp32, ``[V_local, h]``)."""
+        blocks = self.weight.shape[0]
+        _add_product(dw.view(self.weight.shape), grad_logits.transpose(1, 2), hidden_c.expand(blocks, *hidden_c.shape))
+
+
+def _chunk_softmax(logits, labels_c, vocab_start: int, tp_group):
+    """From one chunk's fp32 logits ``[blocks, c, V_local/blocks]``: ``(softmax over the global vocab
+    restricted to this shard, lse [c], loss [c])``; the softmax overwrites the logits."""
+    index, in_range = _target_index(labels_c, vocab_start, logits.shape)
+    target = logits[index].masked_fill_(~in_range, 0.0)
+    row_max = logits.amax(dim=(0, 2))
     if tp_group is not None:
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-    probs = logits.sub_(row_max.unsqueeze(1)).exp_()
-    stats = torch.stack((probs.sum(dim=1), target))
+    probs = logits.sub_(row_max.view(1, -1, 1)).exp_()
+    stats = torch.stack((probs.sum(dim=(0, 2)), target))
     if tp_group is not None:  # one collective for both sums: off-shard ranks add 0 to the target
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
     sum_exp, target = stats[0], stats[1]
-    probs.div_(sum_exp.unsqueeze(1))
+    probs.div_(sum_exp.view(1, -1, 1))
     lse = sum_exp.log_().add_(row_max)
     return probs, lse, lse - target
 
@@ -135,24 +191,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # dW sums over chunks in fp32, so 16-bit heads do not lose small per-chunk terms.
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
 
+        gemms = _ChunkGemms(blocks * max(sizes), weight, vocab_blocks(weight))
         start = 0
         for size in sizes:
             end = start + size
             hidden_c = _chunk_rows(hidden, start, end, tp_group, sequence_parallel)
             labels_c = labels[:, start:end].reshape(-1)
-            probs, lse_c, loss_c = _chunk_softmax(hidden_c, weight, labels_c, vocab_start, tp_group)
+            probs, lse_c, loss_c = _chunk_softmax(gemms.logits(hidden_c), labels_c, vocab_start, tp_group)
             lse[:, start:end] = lse_c.view(blocks, -1)
             loss[:, start:end] = loss_c.view(blocks, -1)
             if need_dh or need_dw:
-                grad_logits = _subtract_onehot_(probs, labels_c, vocab_start).to(hidden.dtype)
+                grad_logits = gemms.as_input_dtype(_subtract_onehot_(probs, labels_c, vocab_start))
                 if need_dh and sequence_parallel:
-                    dh[start:end] = _sum_to_own_rows(torch.mm(grad_logits, weight), tp_group)
+                    dh[start:end] = _sum_to_own_rows(gemms.hidden_grad(grad_logits), tp_group)
                 elif need_dh:
-                    torch.mm(grad_logits, weight, out=dh[start:end])
+                    dh[start:end] = gemms.hidden_grad(grad_logits)
                 if need_dw:
-                    _add_product(dw, grad_logits.t(), hidden_c)
-                del grad_logits
-            del probs, hidden_c  # freed before the next chunk: one chunk of logits alive at a time
+                    gemms.add_weight_grad(dw, grad_logits, hidden_c)
+            del hidden_c  # under SP a gathered chunk: freed before the next gather
             start = end
 
         # Only this rank's rows of hidden are kept: the correction in backward gathers a chunk again.
@@ -189,7 +245,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     g_r = g[:, start:end].reshape(-1)[rows]
                     probs = torch.mm(hidden_r, weight.t()).float().sub_(lse_r.unsqueeze(1)).exp_()
                     labels_r = labels[:, start:end].reshape(-1)[rows]
-                    grad_logits = _subtract_onehot_(probs, labels_r, ctx.vocab_start).mul_((g_r - common).unsqueeze(1))
+                    grad_logits = _subtract_onehot_(probs.unsqueeze(0), labels_r, ctx.vocab_start)[0]
+                    grad_logits.mul_((g_r - common).unsqueeze(1))
                     _add_product(dw, grad_logits.to(hidden.dtype).t(), hidden_r)
                     del probs, grad_logits, hidden_r
                 start = end
