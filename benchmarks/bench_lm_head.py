@@ -16,11 +16,14 @@ is reported as not measured, with its estimate, instead of risking the machine.
     python benchmarks/bench_lm_head.py                  # S = 2K, 8K, 32K at V=128256, h=1024, fp32
     python benchmarks/bench_lm_head.py --quick          # tiny sizes, seconds
     python benchmarks/bench_lm_head.py --bf16 --seq-lengths 8192
+    python benchmarks/bench_lm_head.py --chunk-gemms 256 373 --threads 2   # one chunk's GEMMs, GFLOP/s
 
-``results/bench_lm_head_8k_fused*.json`` are the current op at S = 8K with ``--threads 2`` on a quiet
-machine. Earlier designs, kept for comparison: ``results/bench_lm_head.json`` (S = 2K, 8K, 32K,
-``--threads 1``, a shared machine) recomputed the logits in backward with whole-vocabulary chunks,
-``results/bench_lm_head_8k_tiled*.json`` (``--threads 2``, quiet) in 8192-column vocabulary tiles.
+``results/bench_lm_head_8k_blocked.json`` is the current op at S = 8K with ``--threads 2`` and
+``--repeats 5`` on a quiet machine. Earlier designs, kept for comparison: ``results/bench_lm_head_8k_fused*.json``
+(the same GEMMs before the reused logits buffer and the per-thread vocab blocks),
+``results/bench_lm_head.json`` (S = 2K, 8K, 32K, ``--threads 1``, a shared machine) recomputed the
+logits in backward with whole-vocabulary chunks, ``results/bench_lm_head_8k_tiled*.json``
+(``--threads 2``, quiet) in 8192-column vocabulary tiles.
 
 The helpers (``floor_bytes``, ``measure_memory``, ``interleaved_times``, ``mem_available_bytes``,
 ``add_ratios``, ``print_table``) take any step function, so whole-model comparisons can reuse them.
@@ -218,6 +221,41 @@ def run_seq_length(args, seq: int) -> Dict:
     return result
 
 
+def chunk_gemm_rates(rows: int, vocab: int, hidden: int, rounds: int) -> Dict:
+    """GFLOP/s of one chunk's three GEMMs as the op runs them (its ``_ChunkGemms``), with the whole
+    vocab shard as one block against the op's choice for this machine (:func:`vocab_blocks`):
+    medians of ``rounds`` interleaved rounds after one warm-up round, fp32."""
+    from mst_megatron.ops.linear_cross_entropy import _ChunkGemms, vocab_blocks
+
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(vocab, hidden, generator=g) * 0.02
+    hidden_c = torch.randn(rows, hidden, generator=g)
+    dw = torch.zeros(vocab, hidden)
+    steps = {}
+    for blocks in sorted({1, vocab_blocks(weight)}):
+        gemms = _ChunkGemms(rows, weight, blocks)
+        logits = gemms.logits(hidden_c)
+        steps[(blocks, "logits")] = lambda gemms=gemms: gemms.logits(hidden_c)
+        steps[(blocks, "hidden_grad")] = lambda gemms=gemms, logits=logits: gemms.hidden_grad(logits)
+        steps[(blocks, "weight_grad")] = lambda gemms=gemms, logits=logits: gemms.add_weight_grad(dw, logits, hidden_c)
+    times = interleaved_times(steps, warmup=1, repeats=rounds)
+    gflop = 2 * rows * hidden * vocab / 1e9
+    result = {"rows": rows, "rounds": rounds, "blocks": {}}
+    for (blocks, gemm), ts in times.items():
+        entry = result["blocks"].setdefault(str(blocks), {"gflop_per_s": {}, "chunk_s": 0.0})
+        entry["gflop_per_s"][gemm] = gflop / statistics.median(ts)
+        entry["chunk_s"] += statistics.median(ts)
+    return result
+
+
+def print_chunk_gemm_rates(rates: Dict) -> None:
+    one = rates["blocks"]["1"]["chunk_s"]
+    for blocks, entry in rates["blocks"].items():
+        speeds = ", ".join(f"{k} {v:.0f}" for k, v in entry["gflop_per_s"].items())
+        print(f"{rates['rows']} rows, {blocks} vocab block(s): {speeds} GFLOP/s; the chunk's GEMMs "
+              f"{entry['chunk_s']:.2f} s ({one / entry['chunk_s']:.3f}x one block's speed)")
+
+
 def add_ratios(result: Dict) -> None:
     """Each MST variant against stock: above-floor peak ratio; time ratio MST/stock of the medians,
     and the median of the per-round ratios (rounds are interleaved, so this one cancels load drift)."""
@@ -277,11 +315,16 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--memory-margin", type=float, default=1.5,
                    help="run a case only if estimated peak x this <= MemAvailable")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--chunk-gemms", type=int, nargs="+", default=[], metavar="ROWS",
+                   help="only time one chunk's GEMMs of ROWS tokens, one vocab block against the op's choice")
+    p.add_argument("--gemm-rounds", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny sizes (V=4096, h=64, S=256, 1024)")
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.hidden, args.seq_lengths = 4096, 64, [256, 1024]
+    if args.chunk_gemms and args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT.replace(".json", "_chunk_gemms.json")
     args.mini_sequences = [m if m == "auto" else int(m) for m in args.mini_sequences]
     return args
 
@@ -299,12 +342,24 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "results": [],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    for seq in args.seq_lengths:
-        report["results"].append(run_seq_length(args, seq))
-        print_table(table_rows(report["results"][-1:]), COLUMNS)
-        with open(args.out, "w") as f:  # after every S: long runs keep what they have measured
+
+    def save():  # after every measurement: long runs keep what they have measured
+        with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    print_table(table_rows(report["results"]), COLUMNS)
+
+    if args.chunk_gemms:
+        report["benchmark"] = "one chunk's three LM head GEMMs, fp32"
+        report["chunk_gemms"] = []
+        for rows in args.chunk_gemms:
+            report["chunk_gemms"].append(chunk_gemm_rates(rows, args.vocab, args.hidden, args.gemm_rounds))
+            print_chunk_gemm_rates(report["chunk_gemms"][-1])
+            save()
+    else:
+        for seq in args.seq_lengths:
+            report["results"].append(run_seq_length(args, seq))
+            print_table(table_rows(report["results"][-1:]), COLUMNS)
+            save()
+        print_table(table_rows(report["results"]), COLUMNS)
     print(f"wrote {args.out}")
     mst_megatron.destroy_parallel()
     return report
