@@ -1,5 +1,7 @@
 """Mini-sequence LM head + vocab-parallel cross-entropy against full-logits cross-entropy."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -275,14 +277,16 @@ TP_T, TP_V, TP_H = 13, 40, 8
 TP_LABELS_PINNED = {0: 3, 1: 31, 2: 20, 3: 19}  # rank 0's shard, rank 1's shard, both shard edges
 
 
-def _tp_body(num_chunks_list):
+def _tp_body(num_chunks_list, threads):
     dist.init_process_group("gloo")
+    mock.patch.object(torch, "get_num_threads", return_value=threads).start()  # vocab blocks per shard
     rank, world = dist.get_rank(), dist.get_world_size()
     hidden, weight, labels, _ = make_inputs(TP_T, TP_V, TP_H)  # same seed on every rank
     for pos, label in TP_LABELS_PINNED.items():
         labels[pos] = label
     v_local = TP_V // world
     shard = slice(rank * v_local, (rank + 1) * v_local)
+    assert vocab_blocks(weight[shard]) == threads
     for num_chunks in num_chunks_list:
         for kind in GRADIENT_KINDS:
             grad_out = upstream_gradient(kind, TP_T)
@@ -295,8 +299,9 @@ def _tp_body(num_chunks_list):
             assert rel_err(dh, ref_dh) <= 1e-4, case
 
 
-def test_tensor_parallel_two_ranks():
-    run_on_ranks(_tp_body, 2, [1, 4, TP_T])
+@pytest.mark.parametrize("threads", [1, 4])  # the vocab shard (20) in 1 block, or 4 of 5 columns
+def test_tensor_parallel_two_ranks(threads):
+    run_on_ranks(_tp_body, 2, [1, 4, TP_T], threads)
 
 
 SP_T_LOCAL = 15  # tokens per rank; 4 chunks of it are uneven (4, 4, 4, 3)
@@ -317,9 +322,10 @@ class WidestRows(TorchDispatchMode):
         return out
 
 
-def _sp_body(num_chunks_list):
+def _sp_body(num_chunks_list, threads):
     """Sequence parallelism: rank r holds tokens r * SP_T_LOCAL ... of the sequence and vocab shard r."""
     dist.init_process_group("gloo")
+    mock.patch.object(torch, "get_num_threads", return_value=threads).start()  # vocab blocks per shard
     rank, world = dist.get_rank(), dist.get_world_size()
     T = SP_T_LOCAL * world
     hidden, weight, labels, _ = make_inputs(T, TP_V, TP_H)  # same seed on every rank
@@ -327,6 +333,7 @@ def _sp_body(num_chunks_list):
         labels[pos] = label
     v_local = TP_V // world
     shard = slice(rank * v_local, (rank + 1) * v_local)
+    assert vocab_blocks(weight[shard]) == threads
     rows = slice(rank * SP_T_LOCAL, (rank + 1) * SP_T_LOCAL)
     for num_chunks in num_chunks_list:
         for kind in GRADIENT_KINDS:
@@ -351,5 +358,6 @@ def _sp_body(num_chunks_list):
         linear_cross_entropy(hidden[rows], weight[shard], labels[rows], 1, dist.group.WORLD, sequence_parallel=True)
 
 
-def test_sequence_parallel_two_ranks():
-    run_on_ranks(_sp_body, 2, [1, 4, SP_T_LOCAL])
+@pytest.mark.parametrize("threads", [1, 4])
+def test_sequence_parallel_two_ranks(threads):
+    run_on_ranks(_sp_body, 2, [1, 4, SP_T_LOCAL], threads)
