@@ -19,7 +19,8 @@ is reported as not measured, with its estimate, instead of risking the machine.
     python benchmarks/bench_lm_head.py --chunk-gemms 256 373 --threads 2   # one chunk's GEMMs, GFLOP/s
 
 ``results/bench_lm_head_8k_blocked.json`` is the current op at S = 8K with ``--threads 2`` and
-``--repeats 5`` on a quiet machine. Earlier designs, kept for comparison: ``results/bench_lm_head_8k_fused*.json``
+``--repeats 5`` on a quiet machine; ``results/bench_lm_head_2k_32k_blocked.json`` the same op at 2K
+(timed) and 32K (memory only). Earlier designs, kept for comparison: ``results/bench_lm_head_8k_fused*.json``
 (the same GEMMs before the reused logits buffer and the per-thread vocab blocks),
 ``results/bench_lm_head.json`` (S = 2K, 8K, 32K, ``--threads 1``, a shared machine) recomputed the
 logits in backward with whole-vocabulary chunks, ``results/bench_lm_head_8k_tiled*.json``
