@@ -64,6 +64,16 @@ def rel_err(actual, expected):
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
+def assert_fp32_matches_full_logits(hidden, weight, labels, grad_out, num_chunks):
+    """The op's loss within 1e-5 and its gradients within 1e-4 of the fp64 reference; returns them."""
+    loss, dh, dw = run_op(hidden, weight, labels, grad_out, num_chunks)
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert rel_err(dh, ref_dh) <= 1e-4
+    assert rel_err(dw, ref_dw) <= 1e-4
+    return loss, dh, dw
+
+
 T_FP32 = 29  # prime: no chunk count in {2, 7} divides it
 
 
@@ -71,14 +81,9 @@ T_FP32 = 29  # prime: no chunk count in {2, 7} divides it
 @pytest.mark.parametrize("num_chunks", [1, 2, 7, T_FP32])
 def test_fp32_matches_full_logits(num_chunks, kind):
     hidden, weight, labels, _ = make_inputs(T_FP32, 50, 16)
-    grad_out = upstream_gradient(kind, T_FP32)
-    loss, dh, dw = run_op(hidden, weight, labels, grad_out, num_chunks)
-    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+    loss, dh, dw = assert_fp32_matches_full_logits(hidden, weight, labels, upstream_gradient(kind, T_FP32), num_chunks)
     assert loss.dtype == torch.float32 and loss.shape == (T_FP32,)
     assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
-    assert rel_err(loss, ref_loss) <= 1e-5
-    assert rel_err(dh, ref_dh) <= 1e-4
-    assert rel_err(dw, ref_dw) <= 1e-4
 
 
 @pytest.mark.parametrize("threads, vocab, blocks", [(1, 60, 1), (3, 60, 3), (4, 50, 2), (2, 37, 1)])
@@ -89,11 +94,7 @@ def test_vocab_blocks_match_full_logits(threads, vocab, blocks, monkeypatch):
     hidden, weight, labels, _ = make_inputs(T_FP32, vocab, 16)
     grad_out = upstream_gradient("masked mean", T_FP32)
     assert vocab_blocks(weight) == blocks
-    loss, dh, dw = run_op(hidden, weight, labels, grad_out, 7)
-    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
-    assert rel_err(loss, ref_loss) <= 1e-5
-    assert rel_err(dh, ref_dh) <= 1e-4
-    assert rel_err(dw, ref_dw) <= 1e-4
+    assert_fp32_matches_full_logits(hidden, weight, labels, grad_out, 7)
 
 
 def test_without_autograd_only_the_loss():
@@ -107,12 +108,7 @@ def test_without_autograd_only_the_loss():
 
 def test_single_token():
     hidden, weight, labels, _ = make_inputs(1, 11, 4)
-    grad_out = torch.tensor([0.7])
-    loss, dh, dw = run_op(hidden, weight, labels, grad_out, 1)
-    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
-    assert rel_err(loss, ref_loss) <= 1e-5
-    assert rel_err(dh, ref_dh) <= 1e-4
-    assert rel_err(dw, ref_dw) <= 1e-4
+    assert_fp32_matches_full_logits(hidden, weight, labels, torch.tensor([0.7]), 1)
 
 
 def test_bf16_matches_fp32_reference_of_rounded_inputs():

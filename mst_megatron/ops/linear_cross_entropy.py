@@ -132,7 +132,8 @@ class _ChunkGemms:
         logits = self._view(self.fp32, hidden_c.shape[0])
         if self.low is None:
             return torch.bmm(hidden_b, self.weight.transpose(1, 2), out=logits)
-        return logits.copy_(torch.bmm(hidden_b, self.weight.transpose(1, 2), out=self._view(self.low, hidden_c.shape[0])))
+        low = self._view(self.low, hidden_c.shape[0])
+        return logits.copy_(torch.bmm(hidden_b, self.weight.transpose(1, 2), out=low))
 
     def as_input_dtype(self, grad_logits: torch.Tensor) -> torch.Tensor:
         """``grad_logits`` (a view of ``fp32``) in the GEMMs' dtype."""
