@@ -81,10 +81,9 @@ def _sum_to_own_rows(grad_rows: torch.Tensor, tp_group) -> torch.Tensor:
     return own
 
 
-def _subtract_onehot_(probs: torch.Tensor, labels_c: torch.Tensor, vocab_start: int) -> torch.Tensor:
-    """In place on ``[blocks, c, block_cols]``: ``probs - onehot(label)`` on this rank's shard (labels
-    of other shards: no change)."""
-    index, in_range = _target_index(labels_c, vocab_start, probs.shape)
+def _subtract_onehot_(probs: torch.Tensor, index, in_range: torch.Tensor) -> torch.Tensor:
+    """In place on ``[blocks, c, block_cols]``: ``probs - onehot(label)`` on this rank's shard, from
+    :func:`_target_index` (labels of other shards: no change)."""
     return probs.index_put_(index, in_range.to(probs.dtype).neg_(), accumulate=True)
 
 
@@ -153,8 +152,10 @@ class _ChunkGemms:
 
 def _chunk_softmax(logits, labels_c, vocab_start: int, tp_group):
     """From one chunk's fp32 logits ``[blocks, c, V_local/blocks]``: ``(softmax over the global vocab
-    restricted to this shard, lse [c], loss [c])``; the softmax overwrites the logits."""
-    index, in_range = _target_index(labels_c, vocab_start, logits.shape)
+    restricted to this shard, lse [c], loss [c], the labels' target index)``; the softmax overwrites
+    the logits."""
+    target_index = _target_index(labels_c, vocab_start, logits.shape)
+    index, in_range = target_index
     target = logits[index].masked_fill_(~in_range, 0.0)
     row_max = logits.amax(dim=(0, 2))
     if tp_group is not None:
@@ -166,7 +167,7 @@ def _chunk_softmax(logits, labels_c, vocab_start: int, tp_group):
     sum_exp, target = stats[0], stats[1]
     probs.div_(sum_exp.view(1, -1, 1))
     lse = sum_exp.log_().add_(row_max)
-    return probs, lse, lse - target
+    return probs, lse, lse - target, target_index
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -202,11 +203,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             end = start + size
             hidden_c = _chunk_rows(hidden, start, end, tp_group, sequence_parallel)
             labels_c = labels[:, start:end].reshape(-1)
-            probs, lse_c, loss_c = _chunk_softmax(gemms.logits(hidden_c), labels_c, vocab_start, tp_group)
+            probs, lse_c, loss_c, target_index = _chunk_softmax(gemms.logits(hidden_c), labels_c, vocab_start, tp_group)
             lse[:, start:end] = lse_c.view(blocks, -1)
             loss[:, start:end] = loss_c.view(blocks, -1)
             if need_dh or need_dw:
-                grad_logits = gemms.as_input_dtype(_subtract_onehot_(probs, labels_c, vocab_start))
+                grad_logits = gemms.as_input_dtype(_subtract_onehot_(probs, *target_index))
                 if need_dh and sequence_parallel:
                     dh[start:end] = _sum_to_own_rows(gemms.hidden_grad(grad_logits), tp_group)
                 elif need_dh:
@@ -248,9 +249,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     hidden_r = _chunk_rows(hidden, start, end, ctx.tp_group, ctx.sequence_parallel)[rows]
                     lse_r = lse[:, start:end].reshape(-1)[rows]
                     g_r = g[:, start:end].reshape(-1)[rows]
-                    probs = torch.mm(hidden_r, weight.t()).float().sub_(lse_r.unsqueeze(1)).exp_()
+                    probs = torch.mm(hidden_r, weight.t()).float().sub_(lse_r.unsqueeze(1)).exp_().unsqueeze(0)
                     labels_r = labels[:, start:end].reshape(-1)[rows]
-                    grad_logits = _subtract_onehot_(probs.unsqueeze(0), labels_r, ctx.vocab_start)[0]
+                    grad_logits = _subtract_onehot_(probs, *_target_index(labels_r, ctx.vocab_start, probs.shape))[0]
                     grad_logits.mul_((g_r - common).unsqueeze(1))
                     _add_product(dw, grad_logits.to(hidden.dtype).t(), hidden_r)
                     del probs, grad_logits, hidden_r
