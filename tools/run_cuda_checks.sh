@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call on a CUDA machine: the CUDA tests (tests/test_cuda.py) and the GPU
 # benchmark (benchmarks/bench_cuda.py), writing logs and JSON under $OUT (default ./cuda-results).
-# Needs megatron-core importable; on the lent device machine it comes as a carried wheel in .whl/:
+# Needs megatron-core importable (0.19.2, or 0.16.1); on the lent device machine it comes as a carried
+# wheel in .whl/ (pip download --no-deps --only-binary=:all: --python-version 3.12 ... megatron-core==0.19.2):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD
 set -uo pipefail
