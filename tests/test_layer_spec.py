@@ -300,3 +300,57 @@ def test_spec_errors(kwargs, match):
 def test_model_refuses_unsupported_configs(override, match):
     with pytest.raises(ValueError, match=match):
         mst_gpt(tiny_config(**override))
+
+
+# ---------------------------------------------------------------- GEMMs under megatron's recompute
+
+# MLP GEMM units per layer and step (SwiGLU fc1 [h, 2F] = 2 units, fc2 [F, h] = 1; forward, the
+# recompute's, backward 6): stock (one mini-sequence) and MST (M > 1).
+MLP_UNITS = {
+    "none": dict(recompute_granularity=None, stock=9, mst=3 + 2 + 6),
+    "full-uniform": dict(RECOMPUTE["full-uniform"], stock=12, mst=3 + 0 + 2 + 6),
+    # 2 layers, the first checkpointed: 11 and 11 (the second is not recomputed), stock 12 and 9
+    "full-block": dict(RECOMPUTE["full-block"], stock=(12 + 9) / 2, mst=3 + 0 + 2 + 6),
+    # two layers per checkpoint: the first MLP's output is read by the second layer, so every MLP
+    # keeps the full recompute (3) before its chunks' own (2)
+    "full-uniform-2": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2,
+                           stock=12, mst=3 + 3 + 2 + 6),
+    "selective": dict(RECOMPUTE["selective"], stock=12, mst=3 + 3 + 2 + 6),  # unchanged by full's saving
+}
+
+
+@pytest.mark.parametrize("recompute", list(MLP_UNITS))
+def test_mlp_gemm_units_under_recompute(recompute):
+    """One step of a 2-layer model with hidden_dropout=0.1, GEMMs logged: the MLP's (told apart by
+    their F or 2F dimension) sum to the units above times L x 2 T h F, every other GEMM is the same
+    as stock+SDPA's (MST spec, one mini-sequence), and loss and gradients match megatron's local spec
+    with the same dropout masks (dropout is on: the loss differs from the dropout-free one)."""
+    from mst_megatron.tools.flops import GemmLog
+
+    kw = dict(MLP_UNITS[recompute])
+    units = {"stock": kw.pop("stock"), "mst": kw.pop("mst")}
+    s, b, ffn = 37, 2, 160
+    config = tiny_config(hidden_dropout=0.1, ffn_hidden_size=ffn, **kw)
+    tokens, labels = fixed_batches(1, b, s, 256)
+    torch.manual_seed(0)
+    ref = stock_gpt(config, seq_length=s)
+    models = {"stock": mst_gpt(config, 1, seq_length=s), "mst": mst_gpt(config, 3, seq_length=s)}
+    logs, losses, grads = {}, {}, {}
+    for name, model in [("ref", ref), *models.items()]:
+        model.load_state_dict(ref.state_dict(), strict=True)
+        torch.manual_seed(1)  # the dropout masks
+        with GemmLog() as logs[name]:
+            losses[name] = forward_backward([model], tokens, labels)
+        grads[name] = grads_by_name([model])
+    is_mlp = lambda mkn: ffn in mkn or 2 * ffn in mkn  # noqa: E731
+    unit = 2 * s * b * config.hidden_size * ffn
+    for name, expected in units.items():
+        assert logs[name].flops(is_mlp) == expected * config.num_layers * unit, (name, logs[name].flops(is_mlp) / unit)
+        assert losses[name] == pytest.approx(losses["ref"], rel=LOSS_TOL), name
+        assert grad_error(grads[name], grads["ref"]) <= GRAD_TOL, name
+    others = [sorted(mkn for mkn in logs[name].gemms if not is_mlp(mkn)) for name in units]
+    assert others[0] == others[1]
+    torch.manual_seed(1)
+    no_dropout = stock_gpt(tiny_config(ffn_hidden_size=ffn, **kw), seq_length=s)
+    no_dropout.load_state_dict(ref.state_dict(), strict=True)
+    assert abs(forward_backward([no_dropout], tokens, labels) - losses["ref"]) > 1e-3
