@@ -80,8 +80,8 @@ def compare(case, m, seq_length, micro_batch_size, num_microbatches=1, ref=None,
     if ddp:
         mst_chunks = wrap_ddp(mst_chunks, mst_config)
     calls = _fc1_call_counter(mst_chunks)
-    ref_loss = forward_backward(ref_chunks, tokens, labels)
-    mst_loss = forward_backward(mst_chunks, tokens, labels)
+    ref_loss = _seeded(forward_backward, ref_chunks, tokens, labels)
+    mst_loss = _seeded(forward_backward, mst_chunks, tokens, labels)
     result = {
         "case": case,
         "grad_err": grad_error(grads_by_name(mst_chunks), grads_by_name(ref_chunks)),
@@ -91,6 +91,15 @@ def compare(case, m, seq_length, micro_batch_size, num_microbatches=1, ref=None,
     if ref_loss is not None:
         result["loss_err"] = abs(mst_loss - ref_loss) / abs(ref_loss)
     return result
+
+
+def _seeded(fn, *args):
+    """``fn(*args)`` from the same default and model-parallel RNG states (the dropout masks)."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    return fn(*args)
 
 
 def _check(results):
@@ -107,6 +116,7 @@ def _sweep(seqs, microbatch_sizes=(2,)):
 # ---------------------------------------------------------------- two ranks
 
 SP = dict(sequence_parallel=True)
+DROPOUT = dict(hidden_dropout=0.1)
 RECOMPUTE = {
     "full-uniform": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
@@ -128,14 +138,25 @@ TWO_RANK_CASES = {
             dict(m=3, seq_length=26, micro_batch_size=2, num_microbatches=2, mst={**SP, **kw}, ddp=True))
            for name, kw in RECOMPUTE.items()]
     ),
+    # hidden dropout (default generator; megatron's recompute replays it): same masks as stock. Not
+    # under SP, whose masks (tracker-forked, per shard) cannot equal the non-SP reference's.
+    "tp2-dropout": (
+        [(f"tp2-dropout-{name}-S26-M3-b2", dict(m=3, seq_length=26, micro_batch_size=2, num_microbatches=2,
+                                                ref={**DROPOUT, **kw}, mst={**DROPOUT, **kw}))
+         for name, kw in RECOMPUTE.items() if name.startswith("full")]
+    ),
     "pp2": (
         [(f"pp2-S{s}-M{m}-b{b}", dict(m=m, seq_length=s, micro_batch_size=b, num_microbatches=2))
          for s, m, b in _sweep((24, 25)) + [(25, 3, 1), (25, 8, 1)]]
         + [(f"pp2-{name}-S25-M8-b2", dict(m=8, seq_length=25, micro_batch_size=2, num_microbatches=3, mst=kw))
            for name, kw in RECOMPUTE.items()]
+        + [(f"pp2-dropout-{name}-S25-M8-b2", dict(m=8, seq_length=25, micro_batch_size=2, num_microbatches=3,
+                                                  ref={**DROPOUT, **kw}, mst={**DROPOUT, **kw}))
+           for name, kw in RECOMPUTE.items() if name.startswith("full")]
     ),
 }
-PARALLELISM = {"tp2": dict(tensor_model_parallel_size=2), "pp2": dict(pipeline_model_parallel_size=2)}
+PARALLELISM = {"tp2": dict(tensor_model_parallel_size=2), "tp2-dropout": dict(tensor_model_parallel_size=2),
+               "pp2": dict(pipeline_model_parallel_size=2)}
 
 
 def two_rank_body(out_dir):
