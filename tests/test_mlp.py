@@ -142,6 +142,16 @@ def test_refused_configs(override, name):
         build(tiny_config(**override), 4)
 
 
+def test_megatron_fine_grained_offloading_refused():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if "fine_grained_activation_offloading" not in TransformerConfig.__dataclass_fields__:
+        pytest.skip("megatron-core < 0.19 has no fine-grained activation offloading")
+    config = tiny_config(fine_grained_activation_offloading=True, offload_modules=["core_attn"])
+    with pytest.raises(ValueError, match="fine_grained_activation_offloading=True"):
+        build(config, 4)
+
+
 def test_per_token_scale_refused_when_chunking():
     mlp = build(tiny_config(), 4)
     with pytest.raises(ValueError, match="per_token_scale"):

@@ -157,3 +157,9 @@ def _check_config(config: TransformerConfig, is_expert: bool) -> None:
             "tp_comm_overlap=True cannot be combined with MiniSequenceMLP: Transformer Engine's "
             "overlap buffers are sized for the whole sequence; set tp_comm_overlap=False"
         )
+    if getattr(config, "fine_grained_activation_offloading", False):  # megatron-core >= 0.19
+        raise ValueError(
+            "fine_grained_activation_offloading=True (megatron's CUDA-stream offload of module inputs) "
+            "is not supported with the MST layer spec: its offload points were not verified against the "
+            "chunked MLP's per-chunk recompute; set fine_grained_activation_offloading=False"
+        )
