@@ -80,8 +80,8 @@ def compare(case, m, seq_length, micro_batch_size, num_microbatches=1, ref=None,
     if ddp:
         mst_chunks = wrap_ddp(mst_chunks, mst_config)
     calls = _fc1_call_counter(mst_chunks)
-    ref_loss = forward_backward(ref_chunks, tokens, labels)
-    mst_loss = forward_backward(mst_chunks, tokens, labels)
+    ref_loss = _seeded(forward_backward, ref_chunks, tokens, labels)
+    mst_loss = _seeded(forward_backward, mst_chunks, tokens, labels)
     result = {
         "case": case,
         "grad_err": grad_error(grads_by_name(mst_chunks), grads_by_name(ref_chunks)),
@@ -91,6 +91,15 @@ def compare(case, m, seq_length, micro_batch_size, num_microbatches=1, ref=None,
     if ref_loss is not None:
         result["loss_err"] = abs(mst_loss - ref_loss) / abs(ref_loss)
     return result
+
+
+def _seeded(fn, *args):
+    """``fn(*args)`` from the same default and model-parallel RNG states (the dropout masks)."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    return fn(*args)
 
 
 def _check(results):
@@ -107,6 +116,7 @@ def _sweep(seqs, microbatch_sizes=(2,)):
 # ---------------------------------------------------------------- two ranks
 
 SP = dict(sequence_parallel=True)
+DROPOUT = dict(hidden_dropout=0.1)
 RECOMPUTE = {
     "full-uniform": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
@@ -128,14 +138,25 @@ TWO_RANK_CASES = {
             dict(m=3, seq_length=26, micro_batch_size=2, num_microbatches=2, mst={**SP, **kw}, ddp=True))
            for name, kw in RECOMPUTE.items()]
     ),
+    # hidden dropout (default generator; megatron's recompute replays it): same masks as stock. Not
+    # under SP, whose masks (tracker-forked, per shard) cannot equal the non-SP reference's.
+    "tp2-dropout": (
+        [(f"tp2-dropout-{name}-S26-M3-b2", dict(m=3, seq_length=26, micro_batch_size=2, num_microbatches=2,
+                                                ref={**DROPOUT, **kw}, mst={**DROPOUT, **kw}))
+         for name, kw in RECOMPUTE.items() if name.startswith("full")]
+    ),
     "pp2": (
         [(f"pp2-S{s}-M{m}-b{b}", dict(m=m, seq_length=s, micro_batch_size=b, num_microbatches=2))
          for s, m, b in _sweep((24, 25)) + [(25, 3, 1), (25, 8, 1)]]
         + [(f"pp2-{name}-S25-M8-b2", dict(m=8, seq_length=25, micro_batch_size=2, num_microbatches=3, mst=kw))
            for name, kw in RECOMPUTE.items()]
+        + [(f"pp2-dropout-{name}-S25-M8-b2", dict(m=8, seq_length=25, micro_batch_size=2, num_microbatches=3,
+                                                  ref={**DROPOUT, **kw}, mst={**DROPOUT, **kw}))
+           for name, kw in RECOMPUTE.items() if name.startswith("full")]
     ),
 }
-PARALLELISM = {"tp2": dict(tensor_model_parallel_size=2), "pp2": dict(pipeline_model_parallel_size=2)}
+PARALLELISM = {"tp2": dict(tensor_model_parallel_size=2), "tp2-dropout": dict(tensor_model_parallel_size=2),
+               "pp2": dict(pipeline_model_parallel_size=2)}
 
 
 def two_rank_body(out_dir):
@@ -321,3 +342,57 @@ def test_spec_errors(kwargs, match):
 def test_model_refuses_unsupported_configs(override, match):
     with pytest.raises(ValueError, match=match):
         mst_gpt(tiny_config(**override))
+
+
+# ---------------------------------------------------------------- GEMMs under megatron's recompute
+
+# MLP GEMM units per layer and step (SwiGLU fc1 [h, 2F] = 2 units, fc2 [F, h] = 1; forward, the
+# recompute's, backward 6): stock (one mini-sequence) and MST (M > 1).
+MLP_UNITS = {
+    "none": dict(recompute_granularity=None, stock=9, mst=3 + 2 + 6),
+    "full-uniform": dict(RECOMPUTE["full-uniform"], stock=12, mst=3 + 0 + 2 + 6),
+    # 2 layers, the first checkpointed: 11 and 11 (the second is not recomputed), stock 12 and 9
+    "full-block": dict(RECOMPUTE["full-block"], stock=(12 + 9) / 2, mst=3 + 0 + 2 + 6),
+    # two layers per checkpoint: the first MLP's output is read by the second layer, so every MLP
+    # keeps the full recompute (3) before its chunks' own (2)
+    "full-uniform-2": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2,
+                           stock=12, mst=3 + 3 + 2 + 6),
+    "selective": dict(RECOMPUTE["selective"], stock=12, mst=3 + 3 + 2 + 6),  # unchanged by full's saving
+}
+
+
+@pytest.mark.parametrize("recompute", list(MLP_UNITS))
+def test_mlp_gemm_units_under_recompute(recompute):
+    """One step of a 2-layer model with hidden_dropout=0.1, GEMMs logged: the MLP's (told apart by
+    their F or 2F dimension) sum to the units above times L x 2 T h F, every other GEMM is the same
+    as stock+SDPA's (MST spec, one mini-sequence), and loss and gradients match megatron's local spec
+    with the same dropout masks (dropout is on: the loss differs from the dropout-free one)."""
+    from mst_megatron.tools.flops import GemmLog
+
+    kw = dict(MLP_UNITS[recompute])
+    units = {"stock": kw.pop("stock"), "mst": kw.pop("mst")}
+    s, b, ffn = 37, 2, 160
+    config = tiny_config(hidden_dropout=0.1, ffn_hidden_size=ffn, **kw)
+    tokens, labels = fixed_batches(1, b, s, 256)
+    torch.manual_seed(0)
+    ref = stock_gpt(config, seq_length=s)
+    models = {"stock": mst_gpt(config, 1, seq_length=s), "mst": mst_gpt(config, 3, seq_length=s)}
+    logs, losses, grads = {}, {}, {}
+    for name, model in [("ref", ref), *models.items()]:
+        model.load_state_dict(ref.state_dict(), strict=True)
+        torch.manual_seed(1)  # the dropout masks
+        with GemmLog() as logs[name]:
+            losses[name] = forward_backward([model], tokens, labels)
+        grads[name] = grads_by_name([model])
+    is_mlp = lambda mkn: ffn in mkn or 2 * ffn in mkn  # noqa: E731
+    unit = 2 * s * b * config.hidden_size * ffn
+    for name, expected in units.items():
+        assert logs[name].flops(is_mlp) == expected * config.num_layers * unit, (name, logs[name].flops(is_mlp) / unit)
+        assert losses[name] == pytest.approx(losses["ref"], rel=LOSS_TOL), name
+        assert grad_error(grads[name], grads["ref"]) <= GRAD_TOL, name
+    others = [sorted(mkn for mkn in logs[name].gemms if not is_mlp(mkn)) for name in units]
+    assert others[0] == others[1]
+    torch.manual_seed(1)
+    no_dropout = stock_gpt(tiny_config(ffn_hidden_size=ffn, **kw), seq_length=s)
+    no_dropout.load_state_dict(ref.state_dict(), strict=True)
+    assert abs(forward_backward([no_dropout], tokens, labels) - losses["ref"]) > 1e-3

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mst_megatron
+from mst_megatron.tools.flops import GemmLog
 from mst_megatron.tools.memory import format_bytes, measure_peak
 from tests.models import tiny_config
 
@@ -69,27 +69,15 @@ def test_matches_stock_mlp(gated, bias, m, b):
         assert rel(pg[n], pg_ref[n]) <= 1e-5, n
 
 
-class GemmCounter(TorchDispatchMode):
-    """Counts the matrix products actually computed inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("gated", [True, False], ids=["swiglu", "gelu"])
 def test_recompute_skips_fc2_gemm(gated):
     """Per chunk: forward fc1 + fc2; backward recomputes fc1 only, then fc2 and fc1 dgrad + wgrad."""
     m = 3
     mlp = build(mlp_config(gated, bias=True), m)
     x = torch.randn(S, 2, 64, requires_grad=True)
-    with GemmCounter() as forward:
+    with GemmLog() as forward:
         out, bias = mlp(x)
-    with GemmCounter() as backward:
+    with GemmLog() as backward:
         (out + bias).sum().backward()
     assert (forward.count, backward.count) == (2 * m, 5 * m)
 
@@ -152,6 +140,16 @@ def test_bad_chunk_count(bad):
 def test_refused_configs(override, name):
     with pytest.raises(ValueError, match=name):
         build(tiny_config(**override), 4)
+
+
+def test_megatron_fine_grained_offloading_refused():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if "fine_grained_activation_offloading" not in TransformerConfig.__dataclass_fields__:
+        pytest.skip("megatron-core < 0.19 has no fine-grained activation offloading")
+    config = tiny_config(fine_grained_activation_offloading=True, offload_modules=["core_attn"])
+    with pytest.raises(ValueError, match="fine_grained_activation_offloading=True"):
+        build(config, 4)
 
 
 def test_per_token_scale_refused_when_chunking():

@@ -234,6 +234,35 @@ def test_nested_in_reentrant_checkpoint(num_chunks):
     assert_close(ref, got, out_tol=1e-6, grad_tol=1e-5)
 
 
+@pytest.mark.parametrize("num_chunks", [2, 7])
+def test_outputs_unread_ending_reentrant_checkpoint(num_chunks):
+    """``outputs_unread`` when the op ends a reentrant checkpoint (megatron's full recompute of a
+    layer): the outer recompute computes no GEMM, each chunk computes once in its own recompute, and
+    the gradients are the stock ones."""
+    from mst_megatron.tools.flops import GemmLog
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(H, FFN, bias=True)
+
+    def layer(t):
+        return t + mini_sequence_apply(mlp, t.sin(), num_chunks, outputs_unread=torch.is_grad_enabled())
+
+    x = torch.randn(S, 2, H, requires_grad=True)
+    g = torch.randn(S, 2, H)
+    with GemmLog() as forward:
+        out = checkpoint(layer, x, use_reentrant=True)
+    with GemmLog() as backward:
+        out.backward(g)
+    # forward: fc1 + fc2 per chunk; backward: the chunk's recompute (fc1 only: torch's checkpoint
+    # stops it once the last saved tensor is rebuilt, before fc2's product), then 2 per linear
+    assert (forward.count, backward.count) == (2 * num_chunks, 5 * num_chunks)
+    got = (out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in mlp.named_parameters()})
+    ref = run(lambda t: t + mlp(t.sin()), mlp, x, g)
+    assert_close(ref, got, out_tol=1e-6, grad_tol=1e-5)
+    with torch.no_grad(), pytest.raises(ValueError, match="outputs_unread"):
+        mini_sequence_apply(mlp, x, num_chunks, outputs_unread=True)
+
+
 def _fwd_bwd_peak(num_chunks, s=4096, h=256, ffn=1024, nested=False):
     torch.manual_seed(0)
     mlp = SwiGLU(h, ffn)

@@ -15,7 +15,7 @@ local sequence length, which is equal on all ranks of a TP/SP/CP group.
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -89,7 +89,31 @@ class MiniSequenceMLP(MLP):
             )
         # Extra kwargs (e.g. padding_mask) are for MoE layers; the dense MLP ignores them.
         recompute = self._recompute_without_fc2_gemm if type(self.linear_fc2) is RowParallelLinear else None
-        return mini_sequence_apply(super().forward, hidden_states, num_chunks, recompute_fn=recompute)
+        return mini_sequence_apply(super().forward, hidden_states, num_chunks, recompute_fn=recompute,
+                                   outputs_unread=self._in_layer_recompute_ending_checkpoint())
+
+    def _in_layer_recompute_ending_checkpoint(self) -> bool:
+        """True while megatron's full recompute re-runs this MLP's layer in backward and the layer is
+        the only one in its checkpoint (``recompute_method="block"``, or ``"uniform"`` with
+        ``recompute_num_layers=1``).
+
+        Then the MLP (with the bias-dropout-add after it) is the last thing in the checkpoint: its
+        output values are never read, only the graph is back-propagated, so the chunks skip their
+        GEMMs there and compute once, in their own recompute (11 GEMM units per layer and step
+        against stock's 12; the README's "Full recompute" section). With several layers per checkpoint
+        the next layer reads the output, so every MLP there keeps the full recompute. Recompute
+        phase: megatron's ``CheckpointFunction`` sets ``is_checkpointing()`` in its forward (under
+        ``no_grad``) and in its backward's re-run (under ``enable_grad``); a layer outside any
+        checkpoint (``block``'s remaining layers) sees it unset.
+        """
+        config = self.config
+        one_layer_per_checkpoint = config.recompute_method == "block" or config.recompute_num_layers == 1
+        return (
+            config.recompute_granularity == "full"
+            and one_layer_per_checkpoint
+            and torch.is_grad_enabled()
+            and tensor_parallel.random.is_checkpointing()
+        )
 
     def _recompute_without_fc2_gemm(self, hidden_states: torch.Tensor):
         """The stock forward for a chunk's recompute, with fc2's GEMM left uncomputed.
@@ -132,4 +156,10 @@ def _check_config(config: TransformerConfig, is_expert: bool) -> None:
         raise ValueError(
             "tp_comm_overlap=True cannot be combined with MiniSequenceMLP: Transformer Engine's "
             "overlap buffers are sized for the whole sequence; set tp_comm_overlap=False"
+        )
+    if getattr(config, "fine_grained_activation_offloading", False):  # megatron-core >= 0.19
+        raise ValueError(
+            "fine_grained_activation_offloading=True (megatron's CUDA-stream offload of module inputs) "
+            "is not supported with the MST layer spec: its offload points were not verified against the "
+            "chunked MLP's per-chunk recompute; set fine_grained_activation_offloading=False"
         )

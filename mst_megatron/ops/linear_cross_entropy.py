@@ -35,6 +35,7 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
 
 from mst_megatron.ops.chunking import chunk_sizes
 
@@ -236,7 +237,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g = grad_loss.float().view(lse.shape)
         if dh is not None:  # row i times g_i, computed in fp32 and rounded once to dh's dtype
             dh.mul_(g[ctx.tp_rank if ctx.sequence_parallel else 0].unsqueeze(1))
-        if dw is not None:
+        if dw is not None and is_fake(g):
+            # Fake tensors (FLOP and memory simulation) carry no values: counted as a uniform upstream
+            # gradient (a mean loss), which needs no correction GEMM.
+            dw = dw.mul_(g.reshape(-1)[0]).to(weight.dtype)
+        elif dw is not None:
             values, counts = torch.unique(g, return_counts=True)
             common = values[counts.argmax()]
             dw.mul_(common)

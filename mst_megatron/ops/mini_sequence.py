@@ -18,7 +18,9 @@ Why the stock non-reentrant checkpoint is enough (no custom ``autograd.Function`
   the peak with a memory tracker.
 * It composes with an outer reentrant checkpoint (megatron's full recompute): the outer forward runs
   under ``no_grad`` (so this op only chunks), and during the outer recompute in backward this op
-  checkpoints each chunk again, so the recompute's MLP working set is one chunk as well.
+  checkpoints each chunk again, so the recompute's MLP working set is one chunk as well. When the op
+  ends the outer checkpoint (its output values unread there), ``outputs_unread`` makes that outer
+  recompute GEMM-free: the chunks compute only in their own recompute.
 * It works when ``x`` does not require grad (only parameters do), unlike the reentrant variant.
 * It restores the autocast state for the recompute.
 
@@ -73,6 +75,16 @@ class GemmsLeftEmpty(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _without_gemms(fn: Callable) -> Callable:
+    """``fn`` run under :class:`GemmsLeftEmpty`."""
+
+    def run(*args):
+        with GemmsLeftEmpty():
+            return fn(*args)
+
+    return run
+
+
 def _first_call_then(fn: Callable, later: Callable) -> Callable:
     """``fn`` on the first call (the chunk's forward), ``later`` on every call after (its recomputes)."""
     calls = 0
@@ -91,6 +103,7 @@ def mini_sequence_apply(
     num_chunks: int,
     dim: int = 0,
     recompute_fn: Optional[Callable[[torch.Tensor], FnOutput]] = None,
+    outputs_unread: bool = False,
 ) -> FnOutput:
     """Apply a per-token function ``fn`` (e.g. an MLP: fc1 -> act -> fc2, possibly with TP collectives
     inside) to ``x`` split into ``num_chunks`` mini-sequences along ``dim``, keeping only one chunk's
@@ -117,6 +130,13 @@ def mini_sequence_apply(
       It must save the same tensors for backward as ``fn`` (the checkpoint matches them one by one)
       but may skip work whose result backward never reads: an MLP's last GEMM, whose output nothing
       differentiates through (its backward needs only its input and weight).
+    * ``outputs_unread=True`` is the caller's promise that the result's *values* are never read, only
+      back-propagated through (an MLP that ends a layer, in megatron's full-recompute pass: the
+      layer's output only carries the graph into backward). Each chunk's forward then runs
+      ``recompute_fn`` (default ``fn``) with every matrix product left uncomputed
+      (:class:`GemmsLeftEmpty`): the result has the right shapes and autograd graph but undefined
+      values, and costs no GEMM; backward recomputes each chunk for real, as always. It needs autograd
+      recording and ``num_chunks > 1`` (``num_chunks == 1`` stays the plain call).
     * With autograd off (``torch.no_grad()``, inference mode, or inside the forward of megatron's
       reentrant full recompute), the chunks are run without checkpointing: this bounds the working set
       of ``fn`` to one chunk at no extra compute.
@@ -131,6 +151,9 @@ def mini_sequence_apply(
         return fn(x)
 
     record = torch.is_grad_enabled()
+    if outputs_unread and not record:
+        raise ValueError("mini_sequence_apply: outputs_unread=True needs autograd recording (the values "
+                         "are left undefined, so only a graph that backward recomputes is of use)")
     # With autograd off, split a detached alias: views of a requires-grad tensor made under no_grad
     # report requires_grad=True without a grad_fn, which trips hooks that inspect module inputs
     # (e.g. torch's ModTracker/MemTracker inside megatron's reentrant recompute forward).
@@ -141,7 +164,9 @@ def mini_sequence_apply(
     extras = None
     for i, chunk in enumerate(chunks):
         if record:
-            run = fn if recompute_fn is None else _first_call_then(fn, recompute_fn)
+            later = fn if recompute_fn is None else recompute_fn
+            first = _without_gemms(later) if outputs_unread else fn
+            run = first if first is later else _first_call_then(first, later)
             result = checkpoint(run, chunk, use_reentrant=False, preserve_rng_state=False)
         else:
             result = fn(chunk)

@@ -1,0 +1,88 @@
+"""Counting the matrix products and FLOPs a step computes (real or fake tensors), for tests and tools.
+
+* :class:`GemmLog` records the shape of every matrix product actually computed inside it (a product
+  that :class:`~mst_megatron.ops.mini_sequence.GemmsLeftEmpty` leaves uncomputed never reaches it).
+* :func:`count_flops` is torch's ``FlopCounterMode`` with the CPU flash-attention kernels that
+  ``scaled_dot_product_attention`` uses on a CPU counted too (torch counts only the CUDA ones), with
+  torch's own SDPA formulas, by default halved for causal attention (a flash kernel skips the masked
+  blocks; torch's CUDA counts are dense). Only matrix products and attention count: no elementwise
+  work.
+
+Under ``torch._subclasses.FakeTensorMode`` both work on tensors without data, so full-size models
+(Llama-3-8B's shape at S = 32K) are counted on a small CPU in seconds.
+"""
+
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+__all__ = ["GemmLog", "count_flops", "ATTENTION_COUNTS"]
+
+aten = torch.ops.aten
+
+
+
+ATTENTION_COUNTS = ("causal", "dense", "none")
+
+
+def _flash_mapping(attention: str) -> dict:
+    """``custom_mapping`` for the CPU flash kernels: torch's SDPA formulas (the counter hands them
+    shapes), halved for causal calls under ``"causal"`` (a flash kernel skips the masked blocks),
+    dense under ``"dense"``; ``"none"`` leaves them uncounted (torch's own ``FlopCounterMode``)."""
+    if attention not in ATTENTION_COUNTS:
+        raise ValueError(f"attention must be one of {ATTENTION_COUNTS}, got {attention!r}")
+    if attention == "none":
+        return {}
+
+    def share(is_causal: bool) -> int:
+        return 2 if is_causal and attention == "causal" else 1
+
+    def forward(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value) // share(is_causal)
+
+    def backward(grad_out, query, key, value, out, lse, dropout_p=0.0, is_causal=False, *args,
+                 out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value) // share(is_causal)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+class GemmLog(TorchDispatchMode):
+    """Inside it, ``self.gemms`` collects ``(m, k, n)`` for every ``mm``/``addmm`` computed (an
+    ``[m, k] @ [k, n]`` product) and ``(batch * m, k, n)`` for every ``bmm``/``baddbmm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gemms: List[Tuple[int, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is aten.mm.default:
+            a, b = args[:2]
+            self.gemms.append((a.shape[0], a.shape[1], b.shape[1]))
+        elif func is aten.addmm.default:
+            a, b = args[1:3]
+            self.gemms.append((a.shape[0], a.shape[1], b.shape[1]))
+        elif func in (aten.bmm.default, aten.baddbmm.default):
+            a, b = args[:2] if func is aten.bmm.default else args[1:3]
+            self.gemms.append((a.shape[0] * a.shape[1], a.shape[2], b.shape[2]))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def count(self) -> int:
+        return len(self.gemms)
+
+    def flops(self, keep: Callable[[Tuple[int, int, int]], bool] = lambda mkn: True) -> int:
+        """``2 m k n`` summed over the recorded products for which ``keep((m, k, n))`` holds."""
+        return sum(2 * m * k * n for m, k, n in self.gemms if keep((m, k, n)))
+
+
+def count_flops(step: Callable[[], None], attention: str = "causal") -> Tuple[int, Dict[str, int]]:
+    """Run ``step()`` under ``FlopCounterMode``; return (total FLOPs, FLOPs by module name).
+    ``attention``: how the CPU flash-attention kernels count, one of :data:`ATTENTION_COUNTS`."""
+    with FlopCounterMode(display=False, custom_mapping=_flash_mapping(attention)) as counter:
+        step()
+    by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    return counter.get_total_flops(), by_module
