@@ -4,6 +4,10 @@ scaled in width (hidden 1024, ffn 3584, SwiGLU, RMSNorm, GQA with 8 query heads 
 Two measurements per sequence length S (b=1, fp32 by default, single process):
 
 * ``mlp``: one MLP forward + backward, megatron's ``MLP`` ("stock") vs ``MiniSequenceMLP`` ("mst").
+* on megatron-core >= 0.19 both parts add "mcore-chunks": megatron's own MLP chunking
+  (``TransformerConfig.mlp_chunks_for_training``, applied in ``TransformerLayer``: ``torch.chunk``
+  inside the ordinary graph, no per-chunk recompute) with the same count as "mst"; in the ``mlp``
+  part it runs in a layer holding only the MLP and its residual add.
 * ``layer``: one transformer layer forward + backward under megatron's full recompute
   (``TransformerBlock`` with one layer, ``recompute_granularity="full"``, no RoPE), for the local
   spec ("stock": softmax attention with ``[b, heads, s, s]`` scores), the MST spec with one
@@ -84,20 +88,49 @@ def build_layer(config, mlp_mini_sequences):
     return TransformerBlock(config, spec, post_layer_norm=False)
 
 
-def variants(part, shape, dtype, mst_m):
-    """``(config, {variant name: module})`` for one part, all with the same weights."""
+def build_mlp_layer(config):
+    """A ``TransformerLayer`` holding only megatron's ``MLP`` (and its residual add): the module in
+    which megatron applies ``config.mlp_chunks_for_training``."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from mst_megatron.specs.gpt_layer_specs import get_mlp_spec
+
+    spec = ModuleSpec(TransformerLayer, submodules=TransformerLayerSubmodules(
+        mlp=get_mlp_spec(config, None), mlp_bda=get_bias_dropout_add))
+    return build_module(spec, config=config)
+
+
+def variants(part, shape, dtype, mst_m, seq):
+    """``(config, {variant name: module})`` for one part, all with the same weights. Where this
+    megatron-core has ``mlp_chunks_for_training`` (0.19), "mcore-chunks" is megatron's own MLP
+    chunking (``torch.chunk`` in ``TransformerLayer``, no per-chunk recompute) with MST's count."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    mcore_chunks = "mlp_chunks_for_training" in TransformerConfig.__dataclass_fields__
     if part == "mlp":
         config = make_config(shape, dtype)
         modules = {"stock": build_mlp(config, None), "mst": build_mlp(config, mst_m)}
+        count = modules["mst"].num_mini_sequences(seq)
+        if mcore_chunks:
+            modules["mcore-chunks"] = build_mlp_layer(make_config(shape, dtype, mlp_chunks_for_training=count))
     else:
-        config = make_config(shape, dtype, recompute_granularity="full", recompute_method="uniform",
-                             recompute_num_layers=1)
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        config = make_config(shape, dtype, **recompute)
         modules = {"stock": build_layer(config, None), "mst-M1": build_layer(config, 1),
                    "mst": build_layer(config, mst_m)}
+        count = modules["mst"].layers[0].mlp.num_mini_sequences(seq)
+        if mcore_chunks:
+            chunked = make_config(shape, dtype, mlp_chunks_for_training=count, **recompute)
+            modules["mcore-chunks"] = build_layer(chunked, 1)
     weights = modules["stock"].state_dict()
-    for module in modules.values():
-        module.load_state_dict(weights)
-    return config, modules
+    for name, module in modules.items():
+        if name == "mcore-chunks" and part == "mlp":
+            module.mlp.load_state_dict(weights)
+        else:
+            module.load_state_dict(weights)
+    return config, modules, count
 
 
 def nbytes(t):
@@ -163,8 +196,7 @@ def run(args):
     load_average = {"start": os.getloadavg()}  # the machine may be shared: read times with this
     for seq in args.seq or ([256, 1024] if args.quick else [2048, 8192, LONG]):
         for part in args.parts:
-            config, modules = variants(part, shape, dtype, mst_m)
-            call_kwargs = {} if part == "mlp" else {"attention_mask": None}
+            config, modules, count = variants(part, shape, dtype, mst_m, seq)
             steps, rows = {}, {}
             for name, module in modules.items():
                 reason = None
@@ -174,9 +206,9 @@ def run(args):
                     print(f"skip layer/stock at S={seq}: {reason}", flush=True)
                     skipped.append(dict(part=part, seq=seq, variant=name, reason=reason))
                     continue
-                mlp = module if part == "mlp" else module.layers[0].mlp
-                m = mlp.num_mini_sequences(seq) if isinstance(mlp, mst_megatron.MiniSequenceMLP) else 1
-                steps[name] = Step(module, seq, dtype, shape["hidden_size"], **call_kwargs)
+                m = count if name in ("mst", "mcore-chunks") else 1
+                layer = part == "layer" or name == "mcore-chunks"
+                steps[name] = Step(module, seq, dtype, shape["hidden_size"], **({"attention_mask": None} if layer else {}))
                 rows[name] = dict(part=part, seq=seq, variant=name, mini_sequences=m, **steps[name].memory())
                 rows[name]["times_s"], rows[name]["cpu_times_s"] = [], []
             # Timed rounds alternate the variants, so load from other processes hits them alike.
@@ -191,7 +223,7 @@ def run(args):
                 row["time_s"] = statistics.median(row["times_s"])
                 row["cpu_time_s"] = statistics.median(row["cpu_times_s"])
                 results.append(row)
-                print(f"{part:5s} S={seq:6d} {name:7s} M={row['mini_sequences']:3d} "
+                print(f"{part:5s} S={seq:6d} {name:12s} M={row['mini_sequences']:3d} "
                       f"peak {format_bytes(row['peak']['total']):>11s} "
                       f"above floor {format_bytes(row['above_floor']):>11s} time {row['time_s']:.3f}s",
                       flush=True)
@@ -208,7 +240,7 @@ def ratios(results):
     index = {(r["part"], r["seq"], r["variant"]): r for r in results}
     out = []
     for (part, seq, variant), r in index.items():
-        for base in ("stock", "mst-M1") if variant == "mst" else ():
+        for base in ("stock", "mst-M1", "mcore-chunks") if variant == "mst" else ():
             b = index.get((part, seq, base))
             if b is None:
                 continue
@@ -226,18 +258,18 @@ def print_table(report):
     settings = report["settings"]
     print(f"\n{report['machine']['cpu']}, {settings['threads']} threads, {settings['dtype']}, b=1; "
           "MiB at the peak, by category")
-    print(f"{'part':5s} {'S':>6s} {'variant':7s} {'M':>3s} " + " ".join(f"{c:>9s}" for c in CATEGORIES)
+    print(f"{'part':5s} {'S':>6s} {'variant':12s} {'M':>3s} " + " ".join(f"{c:>9s}" for c in CATEGORIES)
           + f" {'total':>9s} {'floor':>9s} {'>floor':>9s} {'alloc':>9s} {'time s':>8s} {'cpu s':>8s}")
     for r in report["results"]:
         p = r["peak"]
-        print(f"{r['part']:5s} {r['seq']:6d} {r['variant']:7s} {r['mini_sequences']:3d} "
+        print(f"{r['part']:5s} {r['seq']:6d} {r['variant']:12s} {r['mini_sequences']:3d} "
               + " ".join(mib(p[c]) for c in CATEGORIES)
               + f" {mib(p['total'])} {mib(r['floor'])} {mib(r['above_floor'])}"
               + f" {mib(p['allocator_peak_delta'])} {r['time_s']:8.3f} {r['cpu_time_s']:8.3f}")
-    print(f"\n{'part':5s} {'S':>6s} {'MST vs':7s} {'M':>3s} {'>floor ratio':>12s} {'peak ratio':>10s} "
+    print(f"\n{'part':5s} {'S':>6s} {'MST vs':12s} {'M':>3s} {'>floor ratio':>12s} {'peak ratio':>10s} "
           f"{'time MST/base':>13s} {'speed base/MST':>14s} {'cpu MST/base':>12s}")
     for q in report["ratios"]:
-        print(f"{q['part']:5s} {q['seq']:6d} {q['versus']:7s} {q['mini_sequences']:3d} "
+        print(f"{q['part']:5s} {q['seq']:6d} {q['versus']:12s} {q['mini_sequences']:3d} "
               f"{q['above_floor_ratio']:12.3f} {q['peak_ratio']:10.3f} {q['time_ratio']:13.3f} "
               f"{1 / q['time_ratio']:14.3f} {q['cpu_time_ratio']:12.3f}")
     load = report["load_average"]
