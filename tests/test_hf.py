@@ -25,7 +25,11 @@ from tests.pretraining import ROOT, SCRIPT  # noqa: E402
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, dtype="float32")
 ARCHS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False, rope_theta=500000.0)),
+    # Llama-3.1's RoPE scaling (megatron-core's --use-rope-scaling): it rescales the low frequencies.
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                        low_freq_factor=1.0, high_freq_factor=4.0,
+                                                        original_max_position_embeddings=8192))),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6)),
 }
@@ -111,11 +115,12 @@ def imported(tmp_path_factory):
 def test_imported_config_maps_every_setting(imported):
     from mst_megatron.training.model_config import load_model_shape
 
-    expect = {"llama": (500000, 1e-5, False, False), "mistral": (10000, 1e-5, False, False),
-              "qwen2": (1000000, 1e-6, True, True)}
+    expect = {"llama": (500000, 1e-5, False, False, True), "mistral": (10000, 1e-5, False, False, False),
+              "qwen2": (1000000, 1e-6, True, True, False)}
     for arch, (folder, root) in imported.items():
         shape = load_model_shape(os.path.join(root, "model_config.json"))
-        got = (shape.rotary_base, shape.norm_epsilon, shape.share_embeddings_and_output_weights, shape.add_qkv_bias)
+        got = (shape.rotary_base, shape.norm_epsilon, shape.share_embeddings_and_output_weights, shape.add_qkv_bias,
+               shape.rope_scaling)
         assert got == expect[arch], arch
         assert (shape.num_query_groups, shape.vocab_size, shape.ffn_hidden_size) == (2, 512, 96)
 
@@ -138,3 +143,47 @@ def test_export_after_import_is_bit_for_bit(imported, tmp_path):
             assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), f"{arch}: {name}"
         with open(os.path.join(folder, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
             assert json.load(f) == json.load(g), arch
+
+
+def _edit_config(folder, **changes):
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(architectures=["GPT2LMHeadModel"]), r"GPT2LMHeadModel.*known: \['LlamaForCausalLM', 'MistralForCausalLM'"),
+    (dict(intermediate_size=128), r"mlp.gate_proj.weight has shape \[96, 64\], config.json implies \[128, 64\]"),
+    (dict(num_hidden_layers=3), r"safetensors do not match config.json: missing \['model.layers.2"),
+    (dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)), r"rope scaling .*dynamic.*not supported"),
+    (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
+])
+def test_bad_hf_folder_fails_before_any_work(tmp_path, change, message):
+    from mst_megatron.training import SetupError, hf
+
+    folder = make_hf_model(tmp_path / "m", "mistral")
+    _edit_config(folder, **change)
+    with pytest.raises(SetupError, match=message):
+        hf.import_hf(folder, str(tmp_path / "ckpt"))
+    assert not os.path.exists(tmp_path / "ckpt")
+
+
+def test_bad_targets_and_vocab_padding_fail(imported, tmp_path):
+    from mst_megatron.training import SetupError, checkpointing, hf
+    from mst_megatron.training.model_config import load_model_shape
+
+    folder, root = imported["mistral"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(SetupError, match=r"--output .*full: exists and is not an empty folder"):
+        hf.export_hf(root, str(tmp_path / "full"))
+    with pytest.raises(SetupError, match=r"--save .*: exists and is not an empty folder"):
+        hf.import_hf(folder, root)
+    arch = load_model_shape(os.path.join(root, "model_config.json")).architecture()
+    with pytest.raises(SetupError, match=r"512 vocabulary rows, this run pads the vocabulary to 768"):
+        checkpointing.check_weights_only(root, None, dict(arch, vocab_size=768))
+    with pytest.raises(SetupError, match=r"differs from this run's .*'num_layers': \(2, 4\)"):
+        checkpointing.check_weights_only(root, None, dict(arch, num_layers=4))

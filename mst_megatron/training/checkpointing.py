@@ -177,12 +177,13 @@ def one_rank_world():
             raise SetupError(f"the checkpoint conversion runs on one rank, not in a world of {dist.get_world_size()}")
         yield
         return
-    init_parallel()
+    bridges = init_parallel()
     try:
         yield
     finally:
         destroy_parallel()
-        os.environ.pop("MASTER_PORT", None)
+        if bridges is not None:
+            bridges.restore()
 
 
 def save_weights(root: str, model, model_shape) -> str:
@@ -210,11 +211,12 @@ def read_common(root: str, step: Optional[int] = None):
     iteration = step if step is not None else latest_iteration(root)
     if iteration is None:
         raise SetupError(f"--load {root}: no checkpoint ({TRACKER_FILE} is missing)")
+    from megatron.core import dist_checkpointing
+
     path = iteration_dir(root, iteration)
-    common = os.path.join(path, "common.pt")
-    if not os.path.isfile(common):
-        raise SetupError(f"--load {root}: no checkpoint for iteration {iteration} ({common} is missing)")
-    return torch.load(common, map_location="cpu", weights_only=False), path
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise SetupError(f"--load {root}: no checkpoint for iteration {iteration} ({path} is missing or incomplete)")
+    return dist_checkpointing.load_common_state_dict(path), path
 
 
 def check_weights_only(root: str, step: Optional[int], architecture: dict) -> None:
