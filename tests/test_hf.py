@@ -187,3 +187,33 @@ def test_bad_targets_and_vocab_padding_fail(imported, tmp_path):
         checkpointing.check_weights_only(root, None, dict(arch, vocab_size=768))
     with pytest.raises(SetupError, match=r"differs from this run's .*'num_layers': \(2, 4\)"):
         checkpointing.check_weights_only(root, None, dict(arch, num_layers=4))
+
+
+def test_train_at_4x_context_then_export_loads_in_transformers(corpus, tmp_path):
+    """Import, 20 MST steps at TP 2 with 4x the model's context (256 vs 64 positions), export:
+    ``transformers`` loads it, and its per-token loss on a held-out batch equals megatron's."""
+    from safetensors.torch import load_file
+
+    from mst_megatron.training import hf
+
+    folder = make_hf_model(tmp_path / "m", "llama")
+    root = str(tmp_path / "ckpt")
+    hf.import_hf(folder, root)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT,
+           "--model-config", os.path.join(root, "model_config.json"), "--load", root, "--save", root,
+           "--tokenizer-model", corpus["tokenizer"], "--data-path", *corpus["data"], "--split", "90,10,0",
+           "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "1",
+           "--seq-length", "256", "--max-position-embeddings", "256", "--micro-batch-size", "1",
+           "--global-batch-size", "2", "--train-iters", "20", "--lr", "1e-3", "--eval-interval", "20",
+           "--eval-iters", "1", "--mlp-mini-sequences", "3", "--lm-head-mini-sequences", "3"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert re.search(r"^iter\s+20/20 \| loss", run.stdout, re.M), run.stdout[-2000:]
+    out = hf.export_hf(root, str(tmp_path / "long"))
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["max_position_embeddings"] == 256 and cfg["rope_parameters"]["rope_type"] == "llama3"
+    before, after = load_file(os.path.join(folder, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    held_out = torch.randint(0, BASE["vocab_size"], (2, 257), generator=torch.Generator().manual_seed(7))
+    run_on_ranks(_compare_at_tp, 1, [(out, root)], held_out, (1,))

@@ -189,6 +189,8 @@ def check_shape(args: argparse.Namespace, shape) -> None:
         f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
         f"({shape.max_position_embeddings}); raise --max-position-embeddings or lower --seq-length",
     )
+    _require(args.rope_scaling_factor is None or shape.rope_scaling,
+             "--rope-scaling-factor needs RoPE scaling on: --use-rope-scaling, or rope_scaling true in the model config")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     for name in ("num_attention_heads", "num_query_groups"):
         _require(getattr(shape, name) % tp == 0,
