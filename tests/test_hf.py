@@ -1,8 +1,8 @@
 """Hugging Face checkpoints in and out (:mod:`mst_megatron.training.hf`), on tiny random models built
 with ``transformers`` (real Llama / Mistral / Qwen2 classes, no download): the imported MST model's
-per-token loss equals the HF model's at TP 1 and TP 2, export after import is bit for bit, RoPE
-settings map to HF's at positions beyond the original context, a 4x-context training run goes back to
-HF with the same loss, and every bad input fails with its own error before any work.
+per-token loss equals the HF model's at TP 1 and TP 2 (RoPE base and Llama-3.1 scaling included),
+export after import is bit for bit, a training run at 4x the model's max_position_embeddings goes back
+to HF with the same loss at those positions, and every bad input fails with its own error before any work.
 """
 
 import json
