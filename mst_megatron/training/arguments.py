@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON model shape: a path, or a name from examples/configs (tiny, llama3-8b, ...)")
     for name in _SHAPE_OVERRIDES:
         g.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="override the model config")
+    g.add_argument("--rotary-base", type=int, default=None, help="override the model config's RoPE base")
+    g.add_argument("--use-rope-scaling", action="store_true", default=None,
+                   help="Llama-3.1 RoPE frequency scaling (megatron-core's; original context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="the RoPE scaling factor (with --use-rope-scaling; model config's, else 8)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
@@ -169,6 +174,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     _require(0.0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
     _require(args.save_interval is None or args.save is not None, "--save-interval needs --save")
     _require(args.ckpt_step is None or args.load is not None, "--ckpt-step needs --load")
+    for name in ("rotary_base", "rope_scaling_factor"):
+        value = getattr(args, name)
+        _require(value is None or value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
     minutes = args.exit_duration_in_mins
     _require(minutes is None or minutes > 0, f"--exit-duration-in-mins must be > 0, got {minutes}")
     return args
@@ -181,6 +189,8 @@ def check_shape(args: argparse.Namespace, shape) -> None:
         f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
         f"({shape.max_position_embeddings}); raise --max-position-embeddings or lower --seq-length",
     )
+    _require(args.rope_scaling_factor is None or shape.rope_scaling,
+             "--rope-scaling-factor needs RoPE scaling on: --use-rope-scaling, or rope_scaling true in the model config")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     for name in ("num_attention_heads", "num_query_groups"):
         _require(getattr(shape, name) % tp == 0,
@@ -209,4 +219,7 @@ def check_shape(args: argparse.Namespace, shape) -> None:
 
 def shape_overrides(args: argparse.Namespace) -> dict:
     """The model-shape flags given on the command line."""
-    return {name: getattr(args, name) for name in _SHAPE_OVERRIDES if getattr(args, name) is not None}
+    out = {name: getattr(args, name) for name in _SHAPE_OVERRIDES if getattr(args, name) is not None}
+    rope = dict(rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling,
+                rope_scaling_factor=args.rope_scaling_factor)
+    return {**out, **{k: v for k, v in rope.items() if v is not None}}

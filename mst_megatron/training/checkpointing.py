@@ -6,6 +6,10 @@ newest complete one. Tensors are saved by their global (unsharded) identity, so 
 under another tensor/pipeline/data-parallel layout, and into a stock megatron-core ``GPTModel``
 (MST keeps the stock state-dict keys by design). RNG states are per (pipeline, tensor) rank and
 are restored only when that layout is unchanged.
+
+A weights-only checkpoint (:func:`save_weights`, written by the Hugging Face import) holds the model
+and its shape at iteration 0 and no optimizer state: ``--load`` starts a fresh run from its weights,
+and the run's own saves into the same root then resume as usual.
 """
 
 import contextlib
@@ -126,10 +130,19 @@ def _sharded_state(model: List, optimizer, is_loading: bool, with_rng: bool) -> 
     return state
 
 
+def _write_tracker(root: str, iteration: int) -> None:
+    tmp = os.path.join(root, TRACKER_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+    os.replace(tmp, os.path.join(root, TRACKER_FILE))
+
+
 def save_checkpoint(root: str, iteration: int, model: List, optimizer, scheduler, consumed_samples: int,
-                    run_info: dict) -> str:
+                    run_info: dict, model_shape: Optional[dict] = None) -> str:
     """Save on every rank; returns the iteration folder. ``run_info`` (architecture, optimizer kind)
-    is stored as is and checked by :func:`load_checkpoint`."""
+    is stored as is and checked by :func:`load_checkpoint`; ``model_shape`` (the run's
+    :class:`~mst_megatron.training.model_config.ModelShape` fields, RoPE settings included) is stored
+    for the Hugging Face export."""
     from megatron.core import dist_checkpointing
 
     path = iteration_dir(root, iteration)
@@ -144,15 +157,99 @@ def save_checkpoint(root: str, iteration: int, model: List, optimizer, scheduler
         opt_param_scheduler=scheduler.state_dict(),
         layout=_layout(),
         run_info=run_info,
+        model_shape=model_shape,
     )
     dist_checkpointing.save(state, path)
     if dist.get_rank() == 0:
-        tmp = os.path.join(root, TRACKER_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(root, TRACKER_FILE))
+        _write_tracker(root, iteration)
     dist.barrier()
     return path
+
+
+@contextlib.contextmanager
+def one_rank_world():
+    """A one-rank megatron-core world for the checkpoint tools, ended afterwards; refuses to run
+    inside a larger one (the models built here are unsharded)."""
+    from mst_megatron.runtime.parallel import destroy_parallel, init_parallel
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise SetupError(f"the checkpoint conversion runs on one rank, not in a world of {dist.get_world_size()}")
+        yield
+        return
+    bridges = init_parallel()
+    try:
+        yield
+    finally:
+        destroy_parallel()
+        if bridges is not None:
+            bridges.restore()
+
+
+def save_weights(root: str, model, model_shape) -> str:
+    """Save one unsharded model chunk (all layers, TP 1) as the weights-only iteration 0 of ``root``."""
+    from megatron.core import dist_checkpointing
+
+    path = iteration_dir(root, 0)
+    os.makedirs(path)
+    state = dict(
+        model=model.sharded_state_dict(),
+        iteration=0,
+        weights_only=True,
+        layout=_layout(),
+        run_info={"architecture": model_shape.architecture()},
+        model_shape=dict(model_shape.__dict__),
+    )
+    dist_checkpointing.save(state, path)
+    _write_tracker(root, 0)
+    return path
+
+
+def read_common(root: str, step: Optional[int] = None):
+    """``(common state, folder)`` of iteration ``step`` (default: the latest) of ``root``; the common
+    state is what every rank shares (iteration, run_info, model_shape, ...), read without a world."""
+    iteration = step if step is not None else latest_iteration(root)
+    if iteration is None:
+        raise SetupError(f"--load {root}: no checkpoint ({TRACKER_FILE} is missing)")
+    from megatron.core import dist_checkpointing
+
+    path = iteration_dir(root, iteration)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise SetupError(f"--load {root}: no checkpoint for iteration {iteration} ({path} is missing or incomplete)")
+    return dist_checkpointing.load_common_state_dict(path), path
+
+
+def check_weights_only(root: str, step: Optional[int], architecture: dict) -> None:
+    """Before any work: when ``root``'s checkpoint to load is weights-only, its model must be this
+    run's, vocabulary rows included (padding rows would take part in the softmax: another model)."""
+    if latest_iteration(root) is None and step is None:
+        return
+    common, path = read_common(root, step)
+    if not common.get("weights_only"):
+        return
+    saved = common["run_info"]["architecture"]
+    if saved["vocab_size"] != architecture["vocab_size"]:
+        raise SetupError(
+            f"--load {path}: the imported model has {saved['vocab_size']} vocabulary rows, this run pads the "
+            f"vocabulary to {architecture['vocab_size']} (--make-vocab-size-divisible-by x TP); padding rows "
+            f"change the model's softmax: pass --make-vocab-size-divisible-by D with D x TP dividing "
+            f"{saved['vocab_size']} (e.g. 1)"
+        )
+    diff = {k: (saved.get(k), v) for k, v in architecture.items() if saved.get(k) != v}
+    if diff:
+        raise SetupError(f"--load {path}: the checkpoint's model differs from this run's (checkpoint, run): {diff}; "
+                         "pass its model_config.json as --model-config")
+
+
+def load_weights(path: str, model: List) -> None:
+    """Load only the model chunks' weights from the checkpoint folder ``path`` (any kind)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.utils import unwrap_model
+
+    sharded = {key: unwrap_model(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
+    state = dist_checkpointing.load(sharded, path)
+    for key, chunk in zip(_model_keys(model), model):
+        unwrap_model(chunk).load_state_dict(state[key])
 
 
 def load_checkpoint(root: str, model: List, optimizer, scheduler, run_info: dict, step: Optional[int] = None):
@@ -171,6 +268,9 @@ def load_checkpoint(root: str, model: List, optimizer, scheduler, run_info: dict
     if not os.path.isdir(path):
         raise SetupError(f"--load {root}: no checkpoint for iteration {iteration} ({path} is missing)")
     common = dist_checkpointing.load_common_state_dict(path)
+    if common.get("weights_only"):  # checked by check_weights_only before any work
+        load_weights(path, model)
+        return 0, 0
     saved = common["run_info"]
     for key, value in run_info.items():
         if saved.get(key) != value:

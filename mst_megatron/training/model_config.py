@@ -31,6 +31,8 @@ _KEYS = {
     "norm_epsilon": (float, True),
     "share_embeddings_and_output_weights": (bool, True),
     "add_qkv_bias": (bool, True),
+    "rope_scaling": (bool, False),
+    "rope_scaling_factor": (float, False),
 }
 
 
@@ -50,6 +52,10 @@ class ModelShape:
     share_embeddings_and_output_weights: bool
     add_qkv_bias: bool
     description: str = ""
+    # megatron-core's Llama-3.1 frequency scaling (low/high frequency factors 1 and 4, original
+    # context 8192, as megatron-core fixes them); ``rope_scaling_factor`` is used only when it is on.
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
 
     def replace(self, **changes) -> "ModelShape":
         """A copy with some fields changed (command-line overrides), validated again."""

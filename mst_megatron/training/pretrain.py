@@ -10,6 +10,7 @@ it with an all-reduce after each step, then save and leave cleanly.
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import time
@@ -47,6 +48,8 @@ def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: 
         share_embeddings_and_output_weights=shape.share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=shape.rotary_base,
+        rope_scaling=shape.rope_scaling,
+        rope_scaling_factor=shape.rope_scaling_factor,
         vp_stage=vp_stage,
     )
     if mst is None:
@@ -191,7 +194,7 @@ class _StopRequests:
 class Trainer:
     """The training loop's state: model chunks, optimizer, scheduler, data, counters."""
 
-    def __init__(self, args, model, optimizer, scheduler, train_ds, valid_ds, monitor, run_info, stop):
+    def __init__(self, args, model, optimizer, scheduler, train_ds, valid_ds, monitor, run_info, stop, model_shape):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -202,6 +205,7 @@ class Trainer:
         self.iteration = 0
         self.last_saved = None
         self.stop = stop
+        self.model_shape = model_shape
 
     def _iterators(self, dataset, consumed_samples: int) -> list:
         """One iterator per model chunk over the same batches (the interleaved schedule's contract)."""
@@ -252,7 +256,7 @@ class Trainer:
             return
         path = checkpointing.save_checkpoint(
             self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            self.iteration * self.args.global_batch_size, self.run_info,
+            self.iteration * self.args.global_batch_size, self.run_info, self.model_shape,
         )
         self.last_saved = self.iteration
         self.monitor.plot(self.args.save)
@@ -345,6 +349,20 @@ def _transformer_config(args, shape):
     )
 
 
+def _carry_hf_files(load: str, save: str) -> None:
+    """A run saving elsewhere than the imported root it loaded takes the root's Hugging Face files
+    along (``hf/``, ``model_config.json``), so that the export finds them in ``--save``."""
+    from mst_megatron.training.hf import HF_FOLDER, MODEL_CONFIG
+
+    if os.path.abspath(load) == os.path.abspath(save):
+        return
+    os.makedirs(save, exist_ok=True)
+    if os.path.isdir(os.path.join(load, HF_FOLDER)) and not os.path.exists(os.path.join(save, HF_FOLDER)):
+        shutil.copytree(os.path.join(load, HF_FOLDER), os.path.join(save, HF_FOLDER))
+    if os.path.isfile(os.path.join(load, MODEL_CONFIG)) and not os.path.exists(os.path.join(save, MODEL_CONFIG)):
+        shutil.copy(os.path.join(load, MODEL_CONFIG), os.path.join(save, MODEL_CONFIG))
+
+
 @dataclass
 class Plan:
     """Everything :func:`plan` checked before any work starts."""
@@ -387,7 +405,15 @@ def plan(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) ->
     data.check_data(blend[0], tokenizer.vocab_size, args.split)
     mst = None if args.no_mst else dict(mlp_mini_sequences=args.mlp_mini_sequences,
                                         lm_head_mini_sequences=args.lm_head_mini_sequences)
-    return Plan(args, shape, tokenizer, blend, _vocab_size(shape, tokenizer, args), _transformer_config(args, shape), mst)
+    vocab_size = _vocab_size(shape, tokenizer, args)
+    if args.load:
+        checkpointing.check_weights_only(args.load, args.ckpt_step, _architecture(shape, vocab_size))
+    return Plan(args, shape, tokenizer, blend, vocab_size, _transformer_config(args, shape), mst)
+
+
+def _architecture(shape, vocab_size: int) -> dict:
+    """What a checkpoint's model must match: the shape with the run's padded vocabulary."""
+    return {**shape.architecture(), "vocab_size": vocab_size}
 
 
 def run(p: Plan, start_time: float) -> None:
@@ -413,11 +439,14 @@ def run(p: Plan, start_time: float) -> None:
         p.config.finalize_model_grads_func = finalize_model_grads
         p.config.grad_scale_func = optimizer.scale_loss
         monitor.print(p.describe(train_ds, valid_ds))
-        run_info = dict(architecture={**p.shape.architecture(), "vocab_size": p.vocab_size},
+        run_info = dict(architecture=_architecture(p.shape, p.vocab_size),
                         use_distributed_optimizer=a.use_distributed_optimizer, bf16=a.bf16)
-        trainer = Trainer(a, model, optimizer, scheduler, train_ds, valid_ds, monitor, run_info, stop)
+        model_shape = dict(p.shape.__dict__, vocab_size=p.vocab_size)
+        trainer = Trainer(a, model, optimizer, scheduler, train_ds, valid_ds, monitor, run_info, stop, model_shape)
         if a.load:
             trainer.load()
+            if a.save and dist.get_rank() == 0:
+                _carry_hf_files(a.load, a.save)
         trainer.train()
         monitor.close()
     finally:
