@@ -5,9 +5,10 @@ process runs as a one-rank world. NCCL and one GPU per local rank when CUDA is p
 CPU compatibility layer (:mod:`mst_megatron.runtime.cpu_compat`) otherwise.
 """
 
+import math
 import os
 from datetime import timedelta
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -72,10 +73,13 @@ def init_parallel(
     context_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     seed: int = 1234,
+    hierarchical_context_parallel_sizes: Optional[List[int]] = None,
 ) -> None:
     """Start torch.distributed and megatron-core's parallel state; seed the model-parallel RNGs.
 
     The world size must be divisible by TP x PP x CP; the remaining factor is data parallelism.
+    ``hierarchical_context_parallel_sizes`` (product CP) makes megatron's hierarchical CP groups,
+    which ``cp_comm_type="a2a+p2p"`` uses.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     _check_sizes(
@@ -85,6 +89,13 @@ def init_parallel(
         context_parallel_size,
         virtual_pipeline_model_parallel_size,
     )
+    if hierarchical_context_parallel_sizes is not None:
+        sizes = list(hierarchical_context_parallel_sizes)
+        if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes) or math.prod(sizes) != context_parallel_size:
+            raise ValueError(
+                f"hierarchical_context_parallel_sizes={hierarchical_context_parallel_sizes!r} must be ints >= 1 "
+                f"whose product is context_parallel_size {context_parallel_size}"
+            )
     import_megatron_quietly()
     if not torch.cuda.is_available():
         cpu_compat.install()
@@ -97,6 +108,7 @@ def init_parallel(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
+        hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
