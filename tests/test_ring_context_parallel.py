@@ -23,21 +23,9 @@ LAYOUTS = {
     "cp4-a2a+p2p": dict(cp=4, hcp=[2, 2], S=40, b=2, mb=2, mlp=3, head=7,
                         parallel=dict(cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 2])),
 }
-# 10 local tokens per rank of 8, chunks of 5
-LAYOUTS_8 = {
-    "cp8-ring-recompute": dict(cp=8, S=80, b=1, mb=1, mlp=3, head=7, model=TWO_HEADS,
-                               parallel=dict(RING, **FULL_RECOMPUTE)),
-}
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return run_world(tmp_path_factory.mktemp("ring"), LAYOUTS, 4, timeout=280)
-
-
-@pytest.fixture(scope="module")
-def results_8(tmp_path_factory):
-    return run_world(tmp_path_factory.mktemp("ring8"), LAYOUTS_8, 8, timeout=280)
 
 
 @pytest.mark.parametrize("case", LAYOUTS)
@@ -48,9 +36,3 @@ def test_matches_single_rank_model(results, case):
 @pytest.mark.parametrize("case", LAYOUTS)
 def test_chunk_counts_agree_across_ranks(results, case):
     check_chunk_counts(results[case])
-
-
-@pytest.mark.parametrize("case", LAYOUTS_8)
-def test_cp8_matches_single_rank_model(results_8, case):
-    check_matches(results_8[case], case)
-    check_chunk_counts(results_8[case])
