@@ -73,16 +73,16 @@ def body(out_dir, cases):
 
 
 CASES = [
-    # s, b, heads, kv_heads, d, causal: s / (2 cp) chunks of 6, 3 or, at cp 8, 3 with s 48
-    (24, 2, 4, 4, 8, True),
-    (24, 1, 4, 2, 8, True),   # grouped-query: two query heads per K/V head
-    (24, 2, 2, 1, 16, False),
+    # s, b, heads, kv_heads, d, causal: s / (2 cp) chunks of 12, 6 and 3 at cp 2, 4 and 8
+    (48, 2, 4, 4, 8, True),
+    (48, 1, 4, 2, 8, True),   # grouped-query: two query heads per K/V head
+    (48, 2, 2, 1, 16, False),
 ]
 
 
 @pytest.mark.parametrize("cp", [2, 4, 8])
 def test_ring_matches_full_attention(tmp_path, cp):
-    run_on_ranks(body, cp, str(tmp_path), CASES, timeout=120)
+    run_on_ranks(body, cp, str(tmp_path), CASES, timeout=240)
     for rank in range(cp):
         with open(tmp_path / f"rank{rank}.json") as f:
             for r in json.load(f):
