@@ -96,7 +96,8 @@ def run_layout(name, layout, work_dir):
     tokens, labels = fixed_batches(layout["mb"], layout["b"], layout["S"], VOCAB, seed=layout["S"])
     ref_loss, paths = _reference(name, layout, tokens, labels, work_dir)
 
-    mst_megatron.init_parallel(layout.get("tp", 1), layout.get("pp", 1), layout["cp"])
+    mst_megatron.init_parallel(layout.get("tp", 1), layout.get("pp", 1), layout["cp"],
+                               hierarchical_context_parallel_sizes=layout.get("hcp"))
     config = tiny_config(**layout.get("model", {}), **layout.get("parallel", {}))
 
     def load(what):
@@ -141,29 +142,28 @@ def check_exchange():
     ps.destroy_model_parallel()
 
 
-def world_body(out_dir):
-    """The exchange check, then every layout against the single-rank reference."""
-    check_exchange()
-    results = [run_layout(name, layout, out_dir) for name, layout in LAYOUTS.items()]
+def world_body(out_dir, layouts, exchange=True):
+    """The exchange check (if asked), then every layout against the single-rank reference."""
+    if exchange:
+        check_exchange()
+    results = [run_layout(name, layout, out_dir) for name, layout in layouts.items()]
     with open(os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(results, f)
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    run_on_ranks(world_body, WORLD_SIZE, str(out), timeout=280)
+def run_world(out, layouts, world_size, timeout, exchange=False):
+    """:func:`world_body` on ``world_size`` ranks; each case's per-rank results."""
+    run_on_ranks(world_body, world_size, str(out), layouts, exchange, timeout=timeout)
     by_case = {}
-    for rank in range(WORLD_SIZE):
+    for rank in range(world_size):
         with open(out / f"rank{rank}.json") as f:
             for r in json.load(f):
                 by_case.setdefault(r["case"], []).append(r)
     return by_case
 
 
-@pytest.mark.parametrize("case", LAYOUTS)
-def test_matches_single_rank_model(results, case):
-    ranks = results[case]
+def check_matches(ranks, case):
+    """Loss and every gradient within the fp32 tolerances on every rank."""
     print(case, "worst loss rel. err", max(r.get("loss_err", 0.0) for r in ranks),
           "worst grad rel. err", max(r["grad_err"] for r in ranks))
     assert any("loss_err" in r for r in ranks)  # the last stage saw the loss
@@ -172,11 +172,9 @@ def test_matches_single_rank_model(results, case):
         assert r.get("loss_err", 0.0) <= LOSS_TOL, r
 
 
-@pytest.mark.parametrize("case", LAYOUTS)
-def test_chunk_counts_agree_across_ranks(results, case):
+def check_chunk_counts(ranks):
     """One MLP chunk count on every rank (every layer, micro-batch and recompute), one head count on
     every last-stage rank: collectives inside chunks pair up. Counts above 1 that do not divide."""
-    ranks = results[case]
     mlp = {m for r in ranks for m in r["counts"]["mlp"]}
     head = {m for r in ranks for m in r["counts"]["head"]}
     assert len(mlp) == 1 and len(head) == 1, (mlp, head)
@@ -184,6 +182,21 @@ def test_chunk_counts_agree_across_ranks(results, case):
     mlp_tokens, head_tokens = ranks[0]["mlp_tokens"], ranks[0]["head_tokens"]
     assert m_mlp > 1 and mlp_tokens % m_mlp, (m_mlp, mlp_tokens)
     assert m_head > 1 and head_tokens % m_head, (m_head, head_tokens)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_world(tmp_path_factory.mktemp("world"), LAYOUTS, WORLD_SIZE, timeout=280, exchange=True)
+
+
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_matches_single_rank_model(results, case):
+    check_matches(results[case], case)
+
+
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_chunk_counts_agree_across_ranks(results, case):
+    check_chunk_counts(results[case])
 
 
 # ---------------------------------------------------------------- bad input, before any work
@@ -199,7 +212,19 @@ def test_chunk_counts_agree_across_ranks(results, case):
         (dict(hidden_size=96, num_attention_heads=6, num_query_groups=3, context_parallel_size=2),
          r"key/value groups per tensor-parallel rank \(num_query_groups 3 / tensor_model_parallel_size 1 = 3\) "
          r"must be divisible by context_parallel_size 2, or divide it"),
-        (dict(context_parallel_size=2, cp_comm_type="p2p"), r"cp_comm_type='p2p' is not supported by SDPAttention"),
+        (dict(context_parallel_size=2, cp_comm_type="allgather"),
+         r"cp_comm_type='allgather' is not supported by SDPAttention; allowed: \(None, 'a2a', 'p2p', 'a2a\+p2p'\)"),
+        (dict(context_parallel_size=4, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 3]),
+         r"hierarchical_context_parallel_sizes = \[a2a size, ring size\] whose product is context_parallel_size 4, "
+         r"got \[2, 3\]; possible: \[\[2, 2\]\]"),
+        (dict(context_parallel_size=8, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[4, 2],
+              num_attention_heads=2, num_query_groups=1),
+         r"attention heads per tensor-parallel rank \(num_attention_heads 2 / tensor_model_parallel_size 1 = 2\) "
+         r"must be divisible by the all-to-all part \(hierarchical_context_parallel_sizes\[0\]\) 4; "
+         r"cp_comm_type='p2p' \(the ring\) has no such condition"),
+        # the ring: the config's CP size against the group's, before any work
+        (dict(context_parallel_size=2, cp_comm_type="p2p"), r"context_parallel_size=2 in the config, but the "
+                                                            r"context-parallel process group has 1 ranks"),
         # a config that asks for CP while the process group has none
         (dict(context_parallel_size=2), r"context_parallel_size=2 in the config, but the context-parallel "
                                         r"process group has 1 ranks"),

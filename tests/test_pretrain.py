@@ -168,6 +168,12 @@ def test_context_parallel_trains_like_tensor_parallel(corpus, uninterrupted):
         (dict(extra=["--context-parallel-size", "2", "--num-attention-heads", "6",
                      "--num-query-groups", "3", "--hidden-size", "96"]),
          r"the key/value groups per tensor-parallel rank \(num_query_groups 3 / --tensor-model-parallel-size 1 = 3\)"),
+        (dict(extra=["--context-parallel-size", "2", "--cp-comm-type", "a2a+p2p",
+                     "--hierarchical-context-parallel-sizes", "2", "2"]),
+         r"--cp-comm-type a2a\+p2p: --hierarchical-context-parallel-sizes \[2, 2\] must be two sizes \(all-to-all, "
+         r"ring\) whose product is --context-parallel-size 2; possible: none"),
+        (dict(extra=["--context-parallel-size", "2", "--hierarchical-context-parallel-sizes", "1", "2"]),
+         r"--hierarchical-context-parallel-sizes needs --cp-comm-type a2a\+p2p"),
         # megatron-core would loop forever building a split that holds no document
         (dict(extra=["--split", "949,50,1"]), r"the test share of --data-path \S+ \(\d+ documents\) holds no document"),
     ],

@@ -13,15 +13,23 @@ dropout drawn from the RNG stream ``DotProductAttention`` draws it from; context
 Refused with a clear error: other mask types, packed sequences, attention bias, sliding windows and
 non-vanilla softmax.
 
-Context parallelism (``context_parallel_size = cp > 1``, megatron's ``cp_comm_type`` ``"a2a"``, the
-default here): each rank holds a load-balanced shard of the sequence (megatron's
-``get_batch_on_this_cp_rank`` layout). :mod:`mst_megatron.ops.context_parallel` all-to-alls the
-queries, keys and values to the whole sequence for ``1/cp`` of this TP rank's heads, in natural
-order, SDPA runs on that (causal = the plain lower triangle), and the context goes back to the
-sequence shard. This needs the heads per TP rank divisible by ``cp``; the key/value groups per TP
-rank either divisible by ``cp`` too, or dividing it, in which case each group is replicated
-``cp / groups`` times before the exchange (its gradients sum back through the replication). Other
-combinations are refused naming the sizes (a ring-attention path would lift this; not implemented).
+Context parallelism (``context_parallel_size = cp > 1``): each rank holds a load-balanced shard of
+the sequence (megatron's ``get_batch_on_this_cp_rank`` layout), exchanged as megatron's
+``cp_comm_type`` says:
+
+* ``"a2a"`` (the default; ``None`` is taken as it): :mod:`mst_megatron.ops.context_parallel`
+  all-to-alls the queries, keys and values to the whole sequence for ``1/cp`` of this TP rank's
+  heads, in natural order, SDPA runs on that (causal = the plain lower triangle), and the context
+  goes back to the sequence shard. Needs the heads per TP rank divisible by ``cp``; the key/value
+  groups per TP rank either divisible by ``cp`` too, or dividing it, in which case each group is
+  replicated ``cp / groups`` times before the exchange (its gradients sum back through the
+  replication).
+* ``"p2p"``: :func:`mst_megatron.ops.ring_attention.ring_attention`, the keys and values travelling
+  around the CP ring; no condition on the heads, so ``tp * cp`` may exceed the head count.
+* ``"a2a+p2p"``: ``hierarchical_context_parallel_sizes = [a, p]`` (``a * p = cp``; megatron's
+  hierarchical groups, level 0 the ``a`` consecutive CP ranks, level 1 the ring across them): the
+  all-to-all inside the level-0 group (its conditions with ``a`` for ``cp``), whose gathered
+  sequence is the load-balanced shard of a ``p``-rank ring, then the ring across level 1.
 
 Memory caveat: torch's CPU flash kernel has no dropout, so with ``attention_dropout > 0`` on CPU SDPA
 falls back to its math kernel, which does materialise the scores (a warning says so once). GPU kernels
@@ -31,7 +39,7 @@ support dropout.
 import contextlib
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +53,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
 from mst_megatron.ops.context_parallel import heads_to_sequence, sequence_to_heads
+from mst_megatron.ops.ring_attention import ring_attention
 
 __all__ = ["SDPAttention"]
 
 SUPPORTED_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.no_mask)
-CP_COMM_TYPES = (None, "a2a")  # None: megatron's default, taken as the all-to-all here
+CP_COMM_TYPES = (None, "a2a", "p2p", "a2a+p2p")  # None: megatron's default, taken as the all-to-all here
 _warned_cpu_dropout = False
 
 
@@ -93,11 +102,12 @@ class SDPAttention(MegatronModule):
         # back before the softmax: the same math, so it needs no counterpart here.
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        # Context parallelism: the group to exchange over and how often to replicate each K/V group.
-        self.cp_group, self.kv_replicas = None, 1
+        # Context parallelism: the all-to-all group (None: none), the ring group (None: none) and how
+        # often to replicate each K/V group before the all-to-all.
+        self.a2a_group, self.ring_group, self.kv_replicas = None, None, 1
         if config.context_parallel_size > 1:
-            self.kv_replicas = _check_context_parallel(config, cp_comm_type)
-            self.cp_group = _cp_group(pg_collection, config.context_parallel_size)
+            a2a_size, self.kv_replicas = _check_context_parallel(config, cp_comm_type)
+            self.a2a_group, self.ring_group = _cp_groups(pg_collection, config, a2a_size)
 
     def forward(
         self,
@@ -137,13 +147,21 @@ class SDPAttention(MegatronModule):
 
     def _attend(self, query, key, value, causal: bool, dropout_p: float) -> torch.Tensor:
         """``[s, b, heads, hn]`` tensors (this rank's sequence shard under CP) -> ``[s, b, heads * hn]``."""
-        if self.cp_group is None:
-            context = _sdpa(query, key, value, causal, dropout_p, self.softmax_scale)
-        else:
-            if self.kv_replicas > 1:  # fewer K/V groups than CP ranks: one (replicated) group per rank
+        if self.a2a_group is not None:
+            if self.kv_replicas > 1:  # fewer K/V groups than a2a ranks: one (replicated) group per rank
                 key, value = (t.repeat_interleave(self.kv_replicas, dim=2) for t in (key, value))
-            q, k, v = (sequence_to_heads(t, self.cp_group) for t in (query, key, value))
-            context = heads_to_sequence(_sdpa(q, k, v, causal, dropout_p, self.softmax_scale), self.cp_group)
+            query, key, value = (sequence_to_heads(t, self.a2a_group) for t in (query, key, value))
+        if self.ring_group is not None:
+            if dropout_p > 0.0:
+                raise ValueError(
+                    f"attention_dropout={dropout_p} with cp_comm_type 'p2p' or 'a2a+p2p': the ring "
+                    "attention has no dropout; use attention_dropout=0 or cp_comm_type='a2a'"
+                )
+            context = ring_attention(query, key, value, self.ring_group, causal, self.softmax_scale)
+        else:
+            context = _sdpa(query, key, value, causal, dropout_p, self.softmax_scale)
+        if self.a2a_group is not None:
+            context = heads_to_sequence(context, self.a2a_group)
         return context.reshape(context.size(0), context.size(1), -1)
 
 
@@ -170,39 +188,70 @@ def _sdpa_backend(q, k, v, dropout_p: float, causal: bool, scale: float) -> int:
     return torch._fused_sdp_choice(q, k, v, None, dropout_p, causal, scale=scale, enable_gqa=True)
 
 
-def _cp_group(pg_collection: Optional[ProcessGroupCollection], cp: int):
-    """The context-parallel group: the collection's, else megatron's global one; its size must be ``cp``."""
+def _cp_groups(pg_collection: Optional[ProcessGroupCollection], config: TransformerConfig, a2a_size: int):
+    """``(all-to-all group or None, ring group or None)`` from the collection's (else megatron's
+    global) CP groups; their sizes must be the config's."""
+    cp = config.context_parallel_size
     group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
     if group.size() != cp:
         raise ValueError(
             f"context_parallel_size={cp} in the config, but the context-parallel process group has "
             f"{group.size()} ranks; initialise the parallel state with the same context_parallel_size"
         )
-    return group
+    if a2a_size == cp:
+        return group, None
+    if a2a_size == 1:
+        return None, group
+    sizes = list(config.hierarchical_context_parallel_sizes)
+    levels = getattr(pg_collection, "hcp", None) or parallel_state.get_hierarchical_context_parallel_groups(
+        check_initialized=False
+    )
+    if not levels or [g.size() for g in levels] != sizes:
+        raise ValueError(
+            f"hierarchical_context_parallel_sizes={sizes} in the config, but the hierarchical "
+            f"context-parallel process groups have sizes {[g.size() for g in levels or []]}; initialise "
+            "the parallel state with the same hierarchical_context_parallel_sizes"
+        )
+    return levels[0], levels[1]
 
 
-def _check_context_parallel(config: TransformerConfig, cp_comm_type) -> int:
-    """Refuse what the all-to-all cannot do, naming the sizes; return the K/V replication factor."""
+def _check_context_parallel(config: TransformerConfig, cp_comm_type) -> Tuple[int, int]:
+    """Refuse what the layout cannot do, naming the sizes; return ``(all-to-all size, K/V
+    replication factor)`` (all-to-all size 1: ring only; ``cp``: all-to-all only)."""
     if cp_comm_type not in CP_COMM_TYPES:
         raise ValueError(
-            f"cp_comm_type={cp_comm_type!r} is not supported by SDPAttention (it implements the "
-            f"all-to-all exchange); allowed: {CP_COMM_TYPES}"
+            f"cp_comm_type={cp_comm_type!r} is not supported by SDPAttention; allowed: {CP_COMM_TYPES}"
         )
     cp, tp = config.context_parallel_size, config.tensor_model_parallel_size
+    sizes = config.hierarchical_context_parallel_sizes
+    if cp_comm_type == "p2p":
+        return 1, 1
+    if cp_comm_type == "a2a+p2p":
+        if not sizes or len(sizes) != 2 or math.prod(sizes) != cp:
+            pairs = [[a, cp // a] for a in range(2, cp) if cp % a == 0]
+            raise ValueError(
+                f"cp_comm_type='a2a+p2p' needs hierarchical_context_parallel_sizes = [a2a size, ring size] "
+                f"whose product is context_parallel_size {cp}, got {sizes}; possible: {pairs or 'none'}"
+            )
+        a2a, what = sizes[0], f"the all-to-all part (hierarchical_context_parallel_sizes[0]) {sizes[0]}"
+    else:
+        a2a, what = cp, f"context_parallel_size {cp}"
     heads, groups = config.num_attention_heads // tp, config.num_query_groups // tp
-    if heads % cp:
+    if heads % a2a:
         raise ValueError(
             f"context parallelism in SDPAttention trades sequence shards for head shards: the "
             f"attention heads per tensor-parallel rank (num_attention_heads {config.num_attention_heads} / "
-            f"tensor_model_parallel_size {tp} = {heads}) must be divisible by context_parallel_size {cp}"
+            f"tensor_model_parallel_size {tp} = {heads}) must be divisible by {what}; "
+            "cp_comm_type='p2p' (the ring) has no such condition"
         )
-    if groups % cp and cp % groups:
+    if groups % a2a and a2a % groups:
         raise ValueError(
             f"context parallelism in SDPAttention: the key/value groups per tensor-parallel rank "
             f"(num_query_groups {config.num_query_groups} / tensor_model_parallel_size {tp} = {groups}) "
-            f"must be divisible by context_parallel_size {cp}, or divide it (then they are replicated)"
+            f"must be divisible by {what}, or divide it (then they are replicated); "
+            "cp_comm_type='p2p' (the ring) has no such condition"
         )
-    return max(1, cp // groups)
+    return a2a, max(1, a2a // groups)
 
 
 def _check_mask_type(mask_type: AttnMaskType) -> None:

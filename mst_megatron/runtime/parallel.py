@@ -5,9 +5,10 @@ process runs as a one-rank world. NCCL and one GPU per local rank when CUDA is p
 CPU compatibility layer (:mod:`mst_megatron.runtime.cpu_compat`) otherwise.
 """
 
+import math
 import os
 from datetime import timedelta
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,11 +72,14 @@ def init_parallel(
     context_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     seed: int = 1234,
+    hierarchical_context_parallel_sizes: Optional[List[int]] = None,
     cpu_bridges: Optional[bool] = None,
 ) -> Optional[cpu_compat.CpuBridges]:
     """Start torch.distributed and megatron-core's parallel state; seed the model-parallel RNGs.
 
     The world size must be divisible by TP x PP x CP; the remaining factor is data parallelism.
+    ``hierarchical_context_parallel_sizes`` (product CP) makes megatron's hierarchical CP groups,
+    which ``cp_comm_type="a2a+p2p"`` uses.
     ``cpu_bridges``: install megatron-core's CPU bridges (:mod:`mst_megatron.runtime.cpu_compat`);
     None (default) installs them exactly when CUDA is absent, False never (megatron-core then fails at
     its first CUDA call on a CPU-only machine), True requires a CUDA-less machine. Returns the
@@ -91,6 +95,13 @@ def init_parallel(
     )
     if cpu_bridges not in (None, True, False):
         raise ValueError(f"cpu_bridges must be None, True or False, got {cpu_bridges!r}")
+    if hierarchical_context_parallel_sizes is not None:
+        sizes = list(hierarchical_context_parallel_sizes)
+        if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes) or math.prod(sizes) != context_parallel_size:
+            raise ValueError(
+                f"hierarchical_context_parallel_sizes={hierarchical_context_parallel_sizes!r} must be ints >= 1 "
+                f"whose product is context_parallel_size {context_parallel_size}"
+            )
     import_megatron_quietly()
     bridges = None
     if cpu_bridges or (cpu_bridges is None and not torch.cuda.is_available()):
@@ -104,6 +115,7 @@ def init_parallel(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
+        hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", choices=("a2a", "p2p", "a2a+p2p"), default="a2a",
+                   help="context-parallel exchange: all-to-all (heads per TP rank divisible by CP), ring, "
+                        "or all-to-all inside groups and ring across them")
+    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
+                   help="for --cp-comm-type a2a+p2p: the all-to-all size and the ring size (product CP)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
 
@@ -145,6 +150,14 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         _require(not args.no_mst,
                  f"--context-parallel-size {cp} needs MST's attention: megatron-core's local spec "
                  "(--no-mst) has no context parallelism without Transformer Engine; drop --no-mst")
+    sizes = args.hierarchical_context_parallel_sizes
+    if args.cp_comm_type == "a2a+p2p":
+        _require(sizes is not None and len(sizes) == 2 and sizes[0] * sizes[1] == cp,
+                 f"--cp-comm-type a2a+p2p: --hierarchical-context-parallel-sizes {sizes} must be two sizes "
+                 f"(all-to-all, ring) whose product is --context-parallel-size {cp}; possible: "
+                 f"{[[a, cp // a] for a in range(2, cp) if cp % a == 0] or 'none'}")
+    else:
+        _require(sizes is None, "--hierarchical-context-parallel-sizes needs --cp-comm-type a2a+p2p")
     _require(
         world_size % (tp * pp * cp) == 0,
         f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
@@ -196,15 +209,20 @@ def check_shape(args: argparse.Namespace, shape) -> None:
         _require(getattr(shape, name) % tp == 0,
                  f"the model's {name} ({getattr(shape, name)}) is not divisible by --tensor-model-parallel-size {tp}")
     cp = args.context_parallel_size
-    if cp > 1:  # the all-to-all around attention trades sequence shards for head shards
+    # the all-to-all around attention trades sequence shards for head shards; the ring does not
+    a2a = {"a2a": cp, "p2p": 1, "a2a+p2p": (args.hierarchical_context_parallel_sizes or [1])[0]}[args.cp_comm_type]
+    if cp > 1 and a2a > 1:
+        what = (f"--context-parallel-size {cp}" if a2a == cp
+                else f"--hierarchical-context-parallel-sizes[0] (the all-to-all part) {a2a}")
         heads, groups = shape.num_attention_heads // tp, shape.num_query_groups // tp
-        _require(heads % cp == 0,
-                 f"--context-parallel-size {cp}: the attention heads per tensor-parallel rank (num_attention_heads "
-                 f"{shape.num_attention_heads} / --tensor-model-parallel-size {tp} = {heads}) must be divisible by it")
-        _require(groups % cp == 0 or cp % groups == 0,
-                 f"--context-parallel-size {cp}: the key/value groups per tensor-parallel rank (num_query_groups "
+        _require(heads % a2a == 0,
+                 f"{what}: the attention heads per tensor-parallel rank (num_attention_heads "
+                 f"{shape.num_attention_heads} / --tensor-model-parallel-size {tp} = {heads}) must be divisible "
+                 "by it; --cp-comm-type p2p (the ring) has no such condition")
+        _require(groups % a2a == 0 or a2a % groups == 0,
+                 f"{what}: the key/value groups per tensor-parallel rank (num_query_groups "
                  f"{shape.num_query_groups} / --tensor-model-parallel-size {tp} = {groups}) must be divisible by "
-                 "it or divide it")
+                 "it or divide it; --cp-comm-type p2p (the ring) has no such condition")
     _require(shape.num_layers % pp == 0,
              f"the model's num_layers ({shape.num_layers}) is not divisible by --pipeline-model-parallel-size {pp}")
     per_virtual = args.num_layers_per_virtual_pipeline_stage

@@ -1,0 +1,236 @@
+"""Ring context parallelism for attention as a pure autograd op (no megatron imports; the group is
+passed in). Megatron's ``cp_comm_type="p2p"``.
+
+Each of the ``cp`` ranks of a group holds megatron's load-balanced shard of the sequence (the
+sequence cut into ``2 * cp`` chunks, rank ``r`` holding chunks ``r`` and ``2 * cp - 1 - r``, as
+``get_batch_on_this_cp_rank`` lays it out) for all of its heads. The queries stay; the keys and
+values travel around the ring, one shard per step, and every step attends the local queries to the
+visiting shard with an attention kernel that returns the per-row log-sum-exp. The partial outputs
+are merged by their log-sum-exps, so no step ever holds more than a ``[s/cp, s/cp]`` block's worth
+of kernel work and no score tensor is materialised (the kernels are flash-style).
+
+Causal blocks under the load-balanced layout, at step ``i`` the visiting shard is rank
+``src = (r - i) mod cp``'s:
+
+* ``src == r``: the local shard against itself, the plain causal lower triangle of the local
+  ``[chunk r, chunk 2cp-1-r]`` sequence (chunk ``r`` precedes chunk ``2cp-1-r``);
+* ``src < r``: every local query against the first chunk (``src``) only; the second chunk
+  ``2cp-1-src`` lies after both query chunks and is skipped;
+* ``src > r``: the second query chunk (``2cp-1-r``) against both visiting chunks; the first query
+  chunk ``r`` precedes both and is skipped.
+
+Each non-diagonal step is half the local queries times the local keys (or the reverse), the same
+work on every rank. Without a causal mask every step is the whole local block.
+
+Backward is exact: the kernel's own backward per block, given the merged output and log-sum-exp
+(the softmax of a block is ``exp(scores - merged lse)``, and ``rowsum(dO * O)`` of the merged
+output), so block gradients add up to the full attention's. The keys and values go round the ring
+again and their gradients travel one step behind them, arriving back at their owner after ``cp``
+hops.
+
+Communication: ``torch.distributed.isend``/``irecv`` with the ring neighbours, the next shard's
+send and receive posted before the current block is computed (gloo and NCCL both run them in the
+background; NCCL on its own stream, so they overlap the kernel on the compute stream). Per rank and
+step of the forward one ``[2, b, kv_heads, s/cp, d]`` K/V buffer; the backward sends K/V
+``cp - 1`` times and the K/V gradient ``cp`` times.
+
+Kernels: on CPU ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (native
+grouped-query attention); on CUDA ``aten._scaled_dot_product_efficient_attention`` and its backward
+(fp32, fp16 and bf16; grouped-query K/V are expanded per block, linear in the block). Dropout is not
+supported (the ring would need one mask stream per block).
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ring_attention"]
+
+_aten = torch.ops.aten
+
+
+# ------------------------------------------------------------------------------------------ kernels
+# Tensors are [b, heads, s, d]; the log-sum-exp is float32 [b, heads, s].
+
+
+def _block_forward(q, k, v, causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One block's attention output and log-sum-exp."""
+    if q.device.type == "cpu":
+        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    k, v = _expand_kv(q, k, v)
+    out, lse, _, _ = _aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    return out, lse[..., : q.size(2)]  # the kernel pads the log-sum-exp rows to its alignment
+
+
+def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """One block's ``(dq, dk, dv)`` given the *merged* output and log-sum-exp of its query rows."""
+    if q.device.type == "cpu":
+        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        )
+    kx, vx = _expand_kv(q, k, v)
+    align = 32  # the efficient kernel's log-sum-exp row alignment
+    padded = lse.new_zeros(*lse.shape[:-1], math.ceil(lse.size(-1) / align) * align)
+    padded[..., : lse.size(-1)] = lse
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed/offset: unused without dropout
+    dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, kx, vx, None, out, padded, zero, zero, 0.0, [True, True, True, False], causal, scale=scale
+    )
+    groups = q.size(1) // k.size(1)
+    if groups > 1:  # sum the expanded heads' gradients back onto their K/V group
+        dk, dv = (t.unflatten(1, (k.size(1), groups)).sum(2) for t in (dk, dv))
+    return dq, dk, dv
+
+
+def _expand_kv(q, k, v):
+    groups = q.size(1) // k.size(1)
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+# ------------------------------------------------------------------------------------------ the ring
+
+
+class _Ring:
+    """The ring neighbours of this rank in ``group`` and one step of shifting a buffer along it."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def shift(self, buf: torch.Tensor):
+        """Post sending ``buf`` to the next rank and receiving the previous rank's into a new buffer;
+        return ``(received, wait)``: ``received`` is valid after ``wait()``."""
+        received = torch.empty_like(buf)
+        reqs = [dist.isend(buf, self.next, group=self.group), dist.irecv(received, self.prev, group=self.group)]
+
+        def wait():
+            for req in reqs:
+                req.wait()
+
+        return received, wait
+
+
+def _blocks(step_src: int, rank: int, causal: bool, half: int):
+    """``(query rows, key columns, causal)`` of this step's block (slices of the local sequence)."""
+    everything = slice(None)
+    if not causal:
+        return everything, everything, False
+    if step_src == rank:
+        return everything, everything, True
+    if step_src < rank:
+        return everything, slice(0, half), False
+    return slice(half, None), everything, False
+
+
+def _merge(out, lse, rows, block_out, block_lse):
+    """Fold a block's (output, log-sum-exp) into the running float32 ones, in place, on ``rows``."""
+    old = lse[:, :, rows]
+    new = torch.logaddexp(old, block_lse)
+    out[:, :, rows] = out[:, :, rows] * torch.exp(old - new).unsqueeze(-1) + block_out * torch.exp(
+        block_lse - new
+    ).unsqueeze(-1)
+    lse[:, :, rows] = new
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal: bool, scale: float):
+        ring = _Ring(group)
+        half = q.size(2) // 2
+        kv = torch.stack((k, v))  # one contiguous buffer travels: [2, b, kv_heads, s_local, d]
+        out = lse = None
+        for step in range(ring.size):
+            if step < ring.size - 1:
+                kv_next, wait = ring.shift(kv)
+            src = (ring.rank - step) % ring.size
+            rows, cols, block_causal = _blocks(src, ring.rank, causal, half)
+            block_out, block_lse = _block_forward(
+                q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], block_causal, scale
+            )
+            if out is None:  # step 0 covers every query row
+                out, lse = block_out.float(), block_lse.float().clone()
+            else:
+                _merge(out, lse, rows, block_out.float(), block_lse.float())
+            if step < ring.size - 1:
+                wait()
+                kv = kv_next
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.causal, ctx.scale = group, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring = _Ring(ctx.group)
+        half = q.size(2) // 2
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        kv = torch.stack((k, v))
+        dkv = torch.zeros_like(kv, dtype=torch.float32)  # the visiting shard's gradient so far
+        dkv_wait = None
+        for step in range(ring.size):
+            if step < ring.size - 1:
+                kv_next, kv_wait = ring.shift(kv)
+            src = (ring.rank - step) % ring.size
+            rows, cols, block_causal = _blocks(src, ring.rank, ctx.causal, half)
+            bdq, bdk, bdv = _block_backward(
+                dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols],
+                out[:, :, rows], lse[:, :, rows], block_causal, ctx.scale,
+            )
+            dq[:, :, rows] += bdq
+            if dkv_wait is not None:  # the previous rank's partial gradient of this shard
+                dkv_wait()
+                dkv = dkv_in
+            dkv[0][:, :, cols] += bdk
+            dkv[1][:, :, cols] += bdv
+            dkv_in, dkv_wait = ring.shift(dkv)
+            if step < ring.size - 1:
+                kv_wait()
+                kv = kv_next
+        dkv_wait()  # after cp hops the shard's gradient is back home, complete
+        return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None
+
+
+def ring_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of this rank's load-balanced sequence shard over the whole sequence of ``group``.
+
+    ``query`` is ``[s/cp, b, heads, d]``, ``key`` and ``value`` ``[s/cp, b, kv_heads, d]`` (``heads``
+    a multiple of ``kv_heads``), all this rank's two chunks; returns the context ``[s/cp, b, heads, d]``
+    for the same positions. ``softmax_scale`` defaults to ``1/sqrt(d)``. Every rank of the group must
+    call with the same shapes.
+    """
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+        raise ValueError(
+            "ring_attention: expected [s, b, heads, d] query and equal [s, b, kv_heads, d] key and value, "
+            f"got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    s, b, heads, d = query.shape
+    if key.shape[0] != s or key.shape[1] != b or key.shape[3] != d or heads % key.size(2):
+        raise ValueError(
+            f"ring_attention: key/value {tuple(key.shape)} do not fit query {tuple(query.shape)} (same "
+            "sequence, batch and head size; query heads a multiple of key/value heads)"
+        )
+    if causal and s % 2:
+        raise ValueError(
+            f"ring_attention: the local sequence length ({s}) must hold two equal chunks (the "
+            "load-balanced layout), i.e. the global sequence length must be divisible by 2 x cp"
+        )
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+    context = _RingAttention.apply(q, k, v, group, causal, scale)
+    return context.permute(2, 0, 1, 3)
