@@ -146,6 +146,9 @@ def test_context_parallel_trains_like_tensor_parallel(corpus, uninterrupted):
         assert _rel(loss, uninterrupted["steps"][i]) <= 1e-5, (i, loss, uninterrupted["steps"][i])
 
 
+A_CKPT = "{A}"  # stands for run A's checkpoint root in the rows below
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -161,21 +164,76 @@ def test_context_parallel_trains_like_tensor_parallel(corpus, uninterrupted):
          r"the key/value groups per tensor-parallel rank \(num_query_groups 3 / --tensor-model-parallel-size 1 = 3\)"),
         # megatron-core would loop forever building a split that holds no document
         (dict(extra=["--split", "949,50,1"]), r"the test share of --data-path \S+ \(\d+ documents\) holds no document"),
+        # flag values: type, range, divisibility by the parallel sizes
+        (dict(extra=["--micro-batch-size", "two"]), r"argument --micro-batch-size: invalid int value: 'two'"),
+        (dict(extra=["--lr", "-1"]), r"--lr must be > 0, got -1\.0"),
+        (dict(extra=["--adam-beta2", "1.0"]), r"--adam-beta2 must be in \[0, 1\), got 1\.0"),
+        (dict(extra=["--hidden-dropout", "2"]), r"--hidden-dropout must be in \[0, 1\], got 2\.0"),
+        (dict(extra=["--lr-warmup-iters", "-1"]), r"--lr-warmup-iters must be >= 0, got -1"),
+        (dict(extra=["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "161"]),
+         r"the model's ffn_hidden_size \(161\) is not divisible by --tensor-model-parallel-size 2"),
+        (dict(extra=["--global-batch-size", "6"]), r"--global-batch-size 6 is not divisible by --micro-batch-size"),
+        # folders written during work
+        (dict(extra=["--save", "/proc/1/ckpt"]), r"--save /proc/1/ckpt: /proc/1 is not writable"),
+        (dict(extra=["--tensorboard-dir", "/proc/1/tb"]), r"--tensorboard-dir /proc/1/tb: /proc/1 is not writable"),
+        (dict(extra=["--data-cache-path", "/proc/1/cache"]), r"--data-cache-path /proc/1/cache: /proc/1 is not"),
+        # --load: what it names, complete, and fitting this run
+        (dict(extra=["--load", "/nonexistent/ckpt"]), r"--load /nonexistent/ckpt: no such folder \(to start from "
+                                                        r"scratch and save there, give --save the same path\)"),
+        (dict(extra=["--load", "{tmp}"]), r"--load \S+ holds no checkpoint \(no latest_checkpointed_iteration"),
+        (dict(extra=["--load", A_CKPT, "--ckpt-step", "5"]), r"no checkpoint for iteration 5 .* found iterations \[4, 8\]"),
+        (dict(extra=["--load", A_CKPT + "/iter_0000004", "--ckpt-step", "8"]),
+         r"is the folder of iteration 4 but --ckpt-step is 8"),
+        (dict(extra=["--load", "{truncated}"]),
+         r"checkpoint file \S+iter_0000008/__0_0\.distcp is truncated \(\d+ of \d+ bytes\); resume an earlier one "
+         r"with --ckpt-step 4"),
+        (dict(extra=["--load", A_CKPT, "--tensor-model-parallel-size", "2", "--global-batch-size", "8"]),
+         r"the checkpoint consumed 32 samples in 8 steps; resume it with its --global-batch-size \(4\)"),
+        (dict(extra=["--load", A_CKPT, "--hidden-size", "96"]),
+         r"the checkpoint's hidden_size is 64, this run's is 96; pass --hidden-size 64"),
+        (dict(extra=["--load", A_CKPT, "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "300"]),
+         r"the checkpoint's vocab_size is 512, this run's is 600; pass --make-vocab-size-divisible-by 256"),
+        (dict(extra=["--load", A_CKPT, "--use-distributed-optimizer"]),
+         r"saved without --use-distributed-optimizer; resume without it \(or --no-load-optim\)"),
+        # the LR schedule: Megatron-LM's rule, one line naming each difference and both ways out
+        (dict(extra=["--load", A_CKPT, "--lr", "1e-3", "--lr-decay-style", "constant"]),
+         r"schedule differs from the checkpoint's: --lr 0\.001 \(checkpoint: 0\.005\), --lr-decay-style constant "
+         r"\(checkpoint: cosine\); pass --override-opt_param-scheduler .* or --use-checkpoint-opt_param-scheduler"),
+        (dict(extra=["--load", A_CKPT, "--train-iters", "12"]),  # extending a finished run
+         r"--lr-decay-iters 12 \(checkpoint: 8\); pass --override-opt_param-scheduler to continue on this run's "
+         r"schedule from the checkpoint's step"),
+        (dict(extra=["--load", A_CKPT, "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"]),
+         r"--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other"),
+        (dict(extra=["--finetune"]), r"--finetune needs --load"),
     ],
 )
-def test_bad_input_fails_before_any_work(corpus, monkeypatch, capsys, change, message):
+def test_bad_input_fails_before_any_work(corpus, uninterrupted, tmp_path, monkeypatch, capsys, change, message):
+    """Exit code 2, one line naming the flag, no traceback, torch.distributed never started."""
+    import shutil
+
+    import torch.distributed as dist
+
     from mst_megatron.training import pretrain
 
+    truncated = tmp_path / "truncated"
+    if "{truncated}" in change.get("extra", []):
+        shutil.copytree(uninterrupted["save"], truncated)
+        shard = truncated / "iter_0000008" / "__0_0.distcp"
+        os.truncate(shard, os.path.getsize(shard) // 2)
+    places = {"{A}": uninterrupted["save"], "{tmp}": str(tmp_path), "{truncated}": str(truncated)}
+    extra = [next((w.replace(k, v) for k, v in places.items() if k in w), w) for w in change.get("extra", [])]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     argv = ["--tokenizer-model", corpus[change.get("tokenizer", "tokenizer")],
-            "--data-path", *change.get("data", [corpus["code"]]), *MODEL, *RUN, *change.get("extra", [])]
-    assert pretrain.main(argv, CONFIGS) == 2
+            "--data-path", *change.get("data", [corpus["code"]]), *MODEL, *RUN, *extra]
+    try:
+        code = pretrain.main(argv, CONFIGS)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
-    assert len(err.strip().splitlines()) == 1, err
-    import torch.distributed as dist
-
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not dist.is_initialized()  # nothing started
 
 
