@@ -94,7 +94,6 @@ def build_model(config, shape, vocab_size: int, mst: Optional[dict], use_distrib
 def build_optimizer(args, model: List):
     """megatron-core Adam (distributed or not) and Megatron-LM's sample-based LR schedule."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = OptimizerConfig(
         optimizer="adam",
@@ -110,8 +109,16 @@ def build_optimizer(args, model: List):
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, model)
+    return optimizer, build_scheduler(args, optimizer)
+
+
+def build_scheduler(args, optimizer):
+    """Megatron-LM's sample-based LR/WD schedule from the flags, with its resume rule (see
+    :func:`~mst_megatron.training.checkpointing.check_resume`)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     samples = args.global_batch_size  # the scheduler counts samples, one step = one global batch
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=args.lr,
@@ -127,7 +134,6 @@ def build_optimizer(args, model: List):
         override_opt_param_scheduler=args.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
     )
-    return optimizer, scheduler
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
