@@ -27,7 +27,7 @@ CP=2 (TP always with sequence parallelism). Each rank measures its own step with
   shortest measured not to (the JSON keeps both).
 
 Writes ``results/bench_context_parallel_cpu.json`` and the curve (longest S vs GPU count) as a PNG
-next to it (needs matplotlib: ``pip install -e ".[bench]"``).
+next to it.
 
 Examples::
 

@@ -123,7 +123,7 @@ def check_exchange():
     """The all-to-all pair on a CP=2 group: the whole sequence in natural order for this rank's
     heads, and back to the rank's load-balanced shard, exactly."""
     from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from mst_megatron.runtime.mcore_adapter import batch_on_this_cp_rank
 
     from mst_megatron.ops.context_parallel import heads_to_sequence, sequence_to_heads
 
@@ -131,7 +131,7 @@ def check_exchange():
     group, rank = ps.get_context_parallel_group(), ps.get_context_parallel_rank()
     full = torch.randn(12, 3, 4, 5, generator=torch.Generator().manual_seed(0))  # [s, b, heads, d]
     # get_batch_on_this_cp_rank slices dim 1: hand it [b, s, ...] and take it back
-    shard = get_batch_on_this_cp_rank({"x": full.transpose(0, 1)})["x"].transpose(0, 1).contiguous()
+    shard = batch_on_this_cp_rank({"x": full.transpose(0, 1)})["x"].transpose(0, 1).contiguous()
     gathered = sequence_to_heads(shard.requires_grad_(), group)
     assert torch.equal(gathered, full[:, :, 2 * rank:2 * rank + 2]), "sequence_to_heads"
     back = heads_to_sequence(gathered, group)

@@ -301,9 +301,34 @@ def _pipeline_body():
     parallel_state.destroy_model_parallel()
 
 
+def _layer_spec_under_sp_body():
+    """A layer spec given to MSTGPTModel under SP: built into a block with the SP-aware final norm,
+    the same model as the block spec's (state dict, loss)."""
+    import mst_megatron
+    from megatron.core import parallel_state
+
+    from mst_megatron import MSTGPTModel, get_gpt_mst_layer_spec
+    from mst_megatron.modules.norm import RMSNorm
+    from tests.models import mst_full_gpt, tiny_config
+
+    S = 30  # divisible by TP under SP
+    mst_megatron.init_parallel(tensor_model_parallel_size=2)
+    config = tiny_config(sequence_parallel=True)
+    from_layer = MSTGPTModel(config, get_gpt_mst_layer_spec(), VOCAB, S, position_embedding_type="rope")
+    from_block = mst_full_gpt(config, vocab_size=VOCAB, seq_length=S)
+    assert isinstance(from_layer.decoder.final_layernorm, RMSNorm)
+    from_layer.load_state_dict(from_block.state_dict(), strict=True)
+    tokens = torch.randint(0, VOCAB, (2, S), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(S).expand(2, S)
+    losses = [m(tokens, positions, None, labels=tokens) for m in (from_layer, from_block)]
+    assert torch.equal(losses[0], losses[1])
+    parallel_state.destroy_model_parallel()
+
+
 def _two_rank_body():
     _tensor_parallel_body()
     _pipeline_body()
+    _layer_spec_under_sp_body()
 
 
 def test_two_ranks_tp2_sp_head_and_pp2_match_stock():

@@ -293,6 +293,27 @@ def test_spec_and_config_that_disagree_are_an_error(spec_kwargs, config_kwargs, 
         MSTGPTModel(tiny_config(**config_kwargs), get_gpt_mst_layer_spec(**spec_kwargs), 256, 32)
 
 
+def test_mlp_takes_the_layers_process_groups():
+    """megatron-core 0.19 hands the MLP spec the layer's pg_collection: a custom TP group reaches the
+    MST MLP. 0.16's TransformerLayer passes an MLP subclass only its config (the default TP group)."""
+    import megatron.core
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+    from megatron.core.transformer.spec_utils import build_module
+
+    from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_layer_spec
+
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.tp = torch.distributed.new_group([0])  # a one-rank TP group of the user's own
+    layer = build_module(get_gpt_mst_layer_spec(2), config=tiny_config(), pg_collection=groups)
+    assert isinstance(layer, TransformerLayer)
+    if megatron.core.__version__ >= "0.19":
+        assert layer.mlp.tp_group is groups.tp
+    else:
+        assert layer.mlp.tp_group is parallel_state.get_tensor_model_parallel_group()
+
+
 def test_norms():
     from mst_megatron.modules.norm import LayerNorm, RMSNorm
 

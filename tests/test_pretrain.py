@@ -4,6 +4,7 @@ checkpoint loading, SIGTERM, the distributed optimizer with bf16, context parall
 the bad-input errors. Seven torchrun launches in all.
 """
 
+import json
 import os
 import re
 import signal
@@ -71,6 +72,14 @@ def test_trains_evaluates_and_saves(uninterrupted):
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         assert f.read().strip() == "8"
     assert os.path.isdir(os.path.join(save, "iter_0000004")) and os.path.isdir(os.path.join(save, "iter_0000008"))
+    # The loss plot next to the checkpoint, and the points it draws: every step's and eval's loss.
+    with open(os.path.join(save, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(save, "loss.json")) as f:
+        points = json.load(f)
+    tokens_per_step = points["tokens_per_step"]
+    assert [t // tokens_per_step for t, _ in points["train"]] == sorted(steps)
+    assert {t // tokens_per_step: v for t, v in points["valid"]} == pytest.approx(valid, rel=1e-6)
 
 
 def test_resume_matches_uninterrupted_run(corpus, uninterrupted):

@@ -40,8 +40,8 @@ def _bridges_on_two_ranks():
 
     from mst_megatron.runtime import cpu_compat
 
-    mst_megatron.init_parallel(tensor_model_parallel_size=2, seed=7)
-    assert cpu_compat.is_active()
+    bridges = mst_megatron.init_parallel(tensor_model_parallel_size=2, seed=7)
+    assert bridges is cpu_compat.active() is not None
     assert torch.distributed.get_backend() == "gloo"
     tracker = tensor_parallel.get_cuda_rng_tracker()
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -112,14 +112,52 @@ def _nothing_bridged_when_cuda_present():
     from mst_megatron.runtime import cpu_compat
 
     torch.cuda.is_available = lambda: True
-    assert cpu_compat.install() is False
-    assert not cpu_compat.is_active()
+    with pytest.raises(RuntimeError, match="CUDA is available"):
+        cpu_compat.install()
+    assert cpu_compat.active() is None
     assert mcore_utils.torch is torch
     assert tp_random._get_cuda_rng_state is not cpu_compat._get_device_rng_state
 
 
 def test_bridges_stay_off_when_cuda_is_present():
     run_on_ranks(_nothing_bridged_when_cuda_present, 1)
+
+
+def _bridges_install_and_restore():
+    import megatron.core.utils as mcore_utils
+    from megatron.core.optimizer import optimizer
+    from megatron.core.tensor_parallel import random as tp_random
+
+    from mst_megatron.runtime import cpu_compat
+
+    originals = (mcore_utils.torch, tp_random._get_cuda_rng_state, optimizer.clip_grad_by_total_norm_fp32,
+                 optimizer.Float16OptimizerWithFloat16Params.__init__)
+    bridges = cpu_compat.install()
+    assert cpu_compat.install() is bridges  # idempotent
+    touched = bridges.touched()
+    assert "megatron.core.utils.torch" in touched
+    assert "megatron.core.tensor_parallel.random._get_cuda_rng_state" in touched
+    assert "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__" in touched
+    assert len(touched) == len(set(touched)) == len(cpu_compat.BRIDGED_MODULES) + 9
+    assert mcore_utils.torch is not torch
+    bridges.restore()
+    assert cpu_compat.active() is None
+    assert (mcore_utils.torch, tp_random._get_cuda_rng_state, optimizer.clip_grad_by_total_norm_fp32,
+            optimizer.Float16OptimizerWithFloat16Params.__init__) == originals
+
+
+def test_bridges_record_what_they_replace_and_restore_it():
+    run_on_ranks(_bridges_install_and_restore, 1)
+
+
+@pytest.mark.parametrize("version", ["0.15.0", "0.16.0", "0.20.0", "1.0.0rc1"])
+def test_bridges_refuse_other_megatron_versions(version):
+    from mst_megatron.runtime import cpu_compat
+
+    with pytest.raises(RuntimeError, match=rf"megatron-core {version} is not supported .*>=0.16.1,<0.20"):
+        cpu_compat.check_mcore_version(version)
+    for ok in ("0.16.1", "0.17.0", "0.19.2", "0.19.0rc3"):
+        cpu_compat.check_mcore_version(ok)
 
 
 def _single_process_world():

@@ -37,14 +37,14 @@ def forward_backward(model_chunks, tokens, labels, forward_only=False):
     load-balanced layout (``get_batch_on_this_cp_rank``).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from mst_megatron.runtime.mcore_adapter import batch_on_this_cp_rank
 
     num_microbatches, micro_batch_size, seq_length = tokens.shape
     positions = torch.arange(seq_length).unsqueeze(0).expand(micro_batch_size, seq_length)
 
     def forward_step(data_iterator, model):
         i = next(data_iterator)
-        batch = get_batch_on_this_cp_rank(dict(tokens=tokens[i], labels=labels[i], positions=positions))
+        batch = batch_on_this_cp_rank(dict(tokens=tokens[i], labels=labels[i], positions=positions))
         return model(batch["tokens"], batch["positions"], None, labels=batch["labels"]), loss_over_tokens
 
     iterators = [iter(range(num_microbatches)) for _ in model_chunks]

@@ -6,14 +6,29 @@ that it computes the per-token loss in mini-sequences. Anything that needs the l
 (no labels, inference, multi-token prediction, the config logger's logits dump) takes the stock path.
 """
 
+from typing import Optional
+
 from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mst_megatron.modules.lm_head import MiniSequenceLMHead, check_head_options
 from mst_megatron.ops.chunking import AUTO, ChunkCount
+from mst_megatron.modules.norm import NORMS
 
-__all__ = ["MSTGPTModel"]
+__all__ = ["MSTGPTModel", "block_spec_from_layer_spec"]
+
+
+def block_spec_from_layer_spec(config: TransformerConfig, layer_spec: ModuleSpec, final_norm: Optional[type] = None,
+                               vp_stage: Optional[int] = None, pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+    """The block megatron's ``TransformerBlock`` builds from a layer spec (this pipeline stage's
+    layers), with ``final_norm`` (default: the SP-aware norm of ``config.normalization``) instead of
+    megatron's, which refuses sequence parallelism."""
+    final_norm = NORMS[config.normalization] if final_norm is None else final_norm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)
 
 
 class MSTGPTModel(GPTModel):
@@ -25,6 +40,9 @@ class MSTGPTModel(GPTModel):
             logits alive at a time is about the hidden state's size (see
             :class:`~mst_megatron.modules.lm_head.MiniSequenceLMHead`). Derived from global shapes
             (the same on every TP/SP/CP rank), clamped to the token count.
+
+    With ``sequence_parallel=True`` a layer spec is built into the block with the SP-aware final
+    norm of ``config.normalization`` (megatron's own final norm refuses SP).
 
     ``forward`` keeps the stock contract. With ``labels`` ``[b, s]``: the per-token loss ``[b, s]`` in
     fp32, computed chunk by chunk from the vocab-parallel logits (``runtime_gather_output`` and
@@ -44,6 +62,10 @@ class MSTGPTModel(GPTModel):
     ) -> None:
         # Checked before anything is built, on every pipeline stage alike.
         lm_head_mini_sequences = check_head_options(config, lm_head_mini_sequences)
+        if config.sequence_parallel and isinstance(transformer_layer_spec, ModuleSpec):
+            # megatron's TransformerBlock would add its own final norm, which refuses SP.
+            transformer_layer_spec = block_spec_from_layer_spec(config, transformer_layer_spec,
+                                                                vp_stage=kwargs.get("vp_stage"))
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, *args, **kwargs)
         if self.post_process:
             MiniSequenceLMHead.adopt(self.output_layer, lm_head_mini_sequences)

@@ -16,12 +16,14 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mst_megatron.ops.chunking import AUTO, ChunkCount, local_chunk_count, validate_chunk_count
 from mst_megatron.ops.mini_sequence import GemmsLeftEmpty, mini_sequence_apply
+from mst_megatron.runtime.mcore_adapter import MLP_TAKES_NAME
 
 __all__ = ["MiniSequenceMLP", "mlp_mini_sequence_count"]
 
@@ -49,18 +51,24 @@ class MiniSequenceMLP(MLP):
         ffn_hidden_size: Optional[int] = None,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
         mlp_mini_sequences: ChunkCount = AUTO,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        is_mtp_layer: bool = False,
+        name: Optional[str] = None,
     ):
         _check_config(config, is_expert)
         mlp_mini_sequences = validate_chunk_count(mlp_mini_sequences, PARAM)
+        if tp_group is None:
+            # megatron-core 0.19's TransformerLayer hands every MLP spec its pg_collection; 0.16's
+            # passes an MLP subclass only `config`, so there the default TP group is used.
+            tp_group = parallel_state.get_tensor_model_parallel_group() if pg_collection is None else pg_collection.tp
         super().__init__(
             config,
             submodules,
             is_expert=is_expert,
             input_size=input_size,
-            # TransformerLayer passes neither to an MLP subclass: the values it passes the stock MLP
-            # (its default process groups; a custom pg_collection needs tp_group in the spec).
             ffn_hidden_size=config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size,
-            tp_group=parallel_state.get_tensor_model_parallel_group() if tp_group is None else tp_group,
+            tp_group=tp_group,
+            **({"name": name} if MLP_TAKES_NAME else {}),
         )
         self.mlp_mini_sequences = mlp_mini_sequences
 

@@ -1,8 +1,11 @@
-"""CPU compatibility layer: lets megatron-core 0.16.1's stock GPT training path run without CUDA.
+"""CPU compatibility layer: lets megatron-core's stock GPT training path run without CUDA.
 
 megatron-core assumes CUDA in a handful of places (device-side RNG, ``device="cuda"`` factories,
 ``torch.cuda.current_device()`` buffers, ``torch.cuda.synchronize()``). This module bridges exactly
-those, and only when CUDA is absent: :func:`install` is a no-op on a machine with a GPU.
+those, and only when CUDA is absent: :func:`install` refuses on a machine with a GPU. It was written
+for megatron-core 0.16.1 to 0.19.x (:data:`SUPPORTED_MCORE`) and refuses other versions, whose
+privates may differ. :func:`install` records every attribute it replaces and returns a
+:class:`CpuBridges` handle whose :meth:`~CpuBridges.restore` puts them all back.
 
 Six bridges, each scoped to named megatron-core modules or methods so user code and torch itself
 are never touched outside them:
@@ -33,7 +36,9 @@ import contextlib
 import functools
 import importlib
 import logging
+import re
 import types
+from typing import Optional
 
 import torch
 
@@ -63,7 +68,9 @@ BRIDGED_MODULES = {
 
 _FACTORIES = ("empty", "empty_like", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "as_tensor")
 _CPU = torch.device("cpu")
-_installed = False
+SUPPORTED_MCORE = ">=0.16.1,<0.20"
+_SUPPORTED_RANGE = ((0, 16, 1), (0, 20, 0))
+_active = None  # the installed CpuBridges
 
 
 def _is_cuda_device(device) -> bool:
@@ -97,7 +104,11 @@ class _CudaOnCpu(types.ModuleType):
         self.manual_seed_all = torch.manual_seed
         self.Stream = lambda *a, **k: None
         self.stream = lambda *a, **k: contextlib.nullcontext()
-        self.default_stream = lambda *a, **k: types.SimpleNamespace(wait_stream=lambda *a, **k: None)
+        # On a CPU all work is in order: waiting on a stream or event is a no-op.
+        stream = types.SimpleNamespace(**{name: (lambda *a, **k: None) for name in
+                                          ("wait_stream", "wait_event", "record_event", "synchronize")})
+        self.default_stream = lambda *a, **k: stream
+        self.current_stream = lambda *a, **k: stream
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -133,6 +144,9 @@ class _DropCpuRngWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+_DROP_CPU_RNG_WARNING = _DropCpuRngWarning()
+
+
 @contextlib.contextmanager
 def _tensor_cuda_is_identity():
     original = torch.Tensor.cuda
@@ -160,7 +174,7 @@ def _tensor_type_names_cuda():
         torch.Tensor.type = original
 
 
-def _run_inside(owner, name: str, context) -> None:
+def _run_inside(bridges: "CpuBridges", owner, name: str, context) -> None:
     """Make ``owner.<name>`` (a class's method or a module's function) run inside ``context()``."""
     original = getattr(owner, name)
 
@@ -169,17 +183,17 @@ def _run_inside(owner, name: str, context) -> None:
         with context():
             return original(*args, **kwargs)
 
-    setattr(owner, name, bridged)
+    bridges.replace(owner, name, bridged)
 
 
-def _bridge_cp_rope_slicing() -> None:
+def _bridge_cp_rope_slicing(bridges: "CpuBridges") -> None:
     """Bridge 6: the CP slicing function runs with ``Tensor.cuda`` as the identity, under each name
     it was imported as."""
     from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
 
-    _run_inside(rope_utils, "get_pos_emb_on_this_cp_rank", _tensor_cuda_is_identity)
+    _run_inside(bridges, rope_utils, "get_pos_emb_on_this_cp_rank", _tensor_cuda_is_identity)
     for module in (rotary_pos_embedding, yarn_rotary_pos_embedding):
-        module.get_pos_emb_on_this_cp_rank = rope_utils.get_pos_emb_on_this_cp_rank
+        bridges.replace(module, "get_pos_emb_on_this_cp_rank", rope_utils.get_pos_emb_on_this_cp_rank)
 
 
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -191,31 +205,89 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
-def is_active() -> bool:
-    """True once the bridges are installed in this process."""
-    return _installed
+def _qualified_name(owner) -> str:
+    if isinstance(owner, types.ModuleType):
+        return owner.__name__
+    return f"{owner.__module__}.{owner.__qualname__}"
 
 
-def install() -> bool:
-    """Install the bridges when CUDA is absent (idempotent). Returns whether they are active."""
-    global _installed
-    if _installed or torch.cuda.is_available():
-        return _installed
-    proxy = _TorchOnCpu()
-    for name in BRIDGED_MODULES:
-        importlib.import_module(name).torch = proxy
+class CpuBridges:
+    """The installed bridges: every ``(owner, attribute, original value)`` that :func:`install`
+    replaced, in order. :meth:`restore` puts them back (last first) and uninstalls."""
 
+    def __init__(self):
+        self.replaced = []
+
+    def replace(self, owner, name: str, value) -> None:
+        if not hasattr(owner, name):
+            raise RuntimeError(
+                f"cpu_compat: {getattr(owner, '__name__', owner)}.{name} does not exist in this "
+                f"megatron-core; the CPU bridges were written for megatron-core {SUPPORTED_MCORE}"
+            )
+        self.replaced.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def touched(self) -> list:
+        """``"owner.attribute"`` names of everything replaced, in order."""
+        return [f"{_qualified_name(owner)}.{name}" for owner, name, _ in self.replaced]
+
+    def restore(self) -> None:
+        global _active
+        for owner, name, original in reversed(self.replaced):
+            setattr(owner, name, original)
+        self.replaced.clear()
+        if _active is self:
+            logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(_DROP_CPU_RNG_WARNING)
+            _active = None
+
+
+def active() -> Optional[CpuBridges]:
+    """The installed bridges' handle, or None."""
+    return _active
+
+
+def check_mcore_version(version: str) -> None:
+    """Raise unless ``version`` (megatron-core's ``__version__``) is one the bridges were written for."""
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+    low, high = _SUPPORTED_RANGE
+    if not low <= parts < high:
+        raise RuntimeError(
+            f"cpu_compat: megatron-core {version} is not supported by the CPU bridges (written for "
+            f"{SUPPORTED_MCORE}); run on a GPU or install a supported megatron-core"
+        )
+
+
+def install() -> CpuBridges:
+    """Install the bridges (idempotent: a second call returns the same handle). Refuses when CUDA
+    is present and on a megatron-core version outside :data:`SUPPORTED_MCORE`."""
+    global _active
+    if _active is not None:
+        return _active
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.install: CUDA is available; the CPU bridges are for CUDA-less machines only")
+    import megatron.core
+
+    check_mcore_version(megatron.core.__version__)
     from megatron.core.models.common.language_module import language_module
     from megatron.core.optimizer import distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import random as tp_random
 
-    tp_random._get_cuda_rng_state = _get_device_rng_state
-    tp_random._set_cuda_rng_state = _set_device_rng_state
-    logging.getLogger(tp_random.__name__).addFilter(_DropCpuRngWarning())
-    _run_inside(language_module.LanguageModule, "setup_embeddings_and_output_layer", _tensor_cuda_is_identity)
-    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-    _run_inside(optimizer.Float16OptimizerWithFloat16Params, "__init__", _tensor_type_names_cuda)
-    _run_inside(distrib_optimizer.DistributedOptimizer, "__init__", _tensor_type_names_cuda)
-    _bridge_cp_rope_slicing()
-    _installed = True
-    return True
+    bridges = CpuBridges()
+    try:
+        proxy = _TorchOnCpu()
+        for name in BRIDGED_MODULES:
+            bridges.replace(importlib.import_module(name), "torch", proxy)
+        bridges.replace(tp_random, "_get_cuda_rng_state", _get_device_rng_state)
+        bridges.replace(tp_random, "_set_cuda_rng_state", _set_device_rng_state)
+        _run_inside(bridges, language_module.LanguageModule, "setup_embeddings_and_output_layer",
+                    _tensor_cuda_is_identity)
+        bridges.replace(optimizer, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+        _run_inside(bridges, optimizer.Float16OptimizerWithFloat16Params, "__init__", _tensor_type_names_cuda)
+        _run_inside(bridges, distrib_optimizer.DistributedOptimizer, "__init__", _tensor_type_names_cuda)
+        _bridge_cp_rope_slicing(bridges)
+    except BaseException:
+        bridges.restore()
+        raise
+    logging.getLogger(tp_random.__name__).addFilter(_DROP_CPU_RNG_WARNING)
+    _active = bridges
+    return bridges

@@ -40,22 +40,21 @@ def _check_sizes(world_size: int, tp: int, pp: int, cp: int, vpp: Optional[int])
 
 
 def _start_process_group() -> None:
+    """torchrun's world when its environment is set, else a one-rank world on a free loopback port
+    (the environment is left as it is)."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(minutes=10)
+    if "WORLD_SIZE" not in os.environ:
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                world_size=1, timeout=timeout)
+        return
     if "MASTER_PORT" not in os.environ:
-        if os.environ["WORLD_SIZE"] != "1":
-            raise RuntimeError("MASTER_PORT is not set: launch multi-rank jobs with torchrun")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        raise RuntimeError("WORLD_SIZE is set but MASTER_PORT is not: launch multi-rank jobs with torchrun")
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def _free_port() -> int:
@@ -72,10 +71,15 @@ def init_parallel(
     context_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     seed: int = 1234,
-) -> None:
+    cpu_bridges: Optional[bool] = None,
+) -> Optional[cpu_compat.CpuBridges]:
     """Start torch.distributed and megatron-core's parallel state; seed the model-parallel RNGs.
 
     The world size must be divisible by TP x PP x CP; the remaining factor is data parallelism.
+    ``cpu_bridges``: install megatron-core's CPU bridges (:mod:`mst_megatron.runtime.cpu_compat`);
+    None (default) installs them exactly when CUDA is absent, False never (megatron-core then fails at
+    its first CUDA call on a CPU-only machine), True requires a CUDA-less machine. Returns the
+    bridges' handle (its ``restore()`` removes them) or None.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     _check_sizes(
@@ -85,9 +89,12 @@ def init_parallel(
         context_parallel_size,
         virtual_pipeline_model_parallel_size,
     )
+    if cpu_bridges not in (None, True, False):
+        raise ValueError(f"cpu_bridges must be None, True or False, got {cpu_bridges!r}")
     import_megatron_quietly()
-    if not torch.cuda.is_available():
-        cpu_compat.install()
+    bridges = None
+    if cpu_bridges or (cpu_bridges is None and not torch.cuda.is_available()):
+        bridges = cpu_compat.install()
     _start_process_group()
 
     from megatron.core import parallel_state, tensor_parallel
@@ -100,6 +107,7 @@ def init_parallel(
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return bridges
 
 
 def destroy_parallel() -> None:

@@ -26,11 +26,12 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mst_megatron.modules.attention import SDPAttention
+from mst_megatron.modules.gpt_model import block_spec_from_layer_spec
 from mst_megatron.modules.linear import MiniSequenceColumnParallelLinear
 from mst_megatron.modules.mlp import MiniSequenceMLP
 from mst_megatron.modules.norm import NORMS, ConfigNorm, QKNorm
@@ -120,8 +121,7 @@ def get_gpt_mst_block_spec(
     normalization = config.normalization if normalization is None else normalization
     qk_layernorm = config.qk_layernorm if qk_layernorm is None else qk_layernorm
     layer = get_gpt_mst_layer_spec(mlp_mini_sequences, normalization, qk_layernorm, backend)
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_norm(normalization))
+    return block_spec_from_layer_spec(config, layer, _norm(normalization), vp_stage=vp_stage, pp_rank=pp_rank)
 
 
 def get_mlp_spec(config: TransformerConfig, mlp_mini_sequences: Optional[ChunkCount] = AUTO) -> ModuleSpec:

@@ -14,9 +14,10 @@ spec below) or a callable that receives the config (and ``vp_stage=`` when its s
 returns a spec: :func:`mst_block_spec`. Bridge providers also run pre-wrap hooks on the built model
 chunks: ``provider.register_pre_wrap_hook(mst_pre_wrap_hook)`` promotes them to ``MSTGPTModel``.
 
-Chunk counts default to ``"auto"``. Megatron-LM has no MST flags: :func:`mst_gpt_builder` reads
-``args.mlp_mini_sequences`` / ``args.lm_head_mini_sequences`` when an ``extra_args_provider`` adds
-them; the callables take them as keyword arguments (``functools.partial``).
+Chunk counts default to ``"auto"``. Megatron-LM has no MST flags: :func:`add_mst_arguments` is an
+``extra_args_provider`` that adds ``--mlp-mini-sequences`` / ``--lm-head-mini-sequences``;
+:func:`mst_gpt_builder` reads them from ``args``, the callables take them as keyword arguments
+(``functools.partial``).
 """
 
 from typing import List, Optional
@@ -27,7 +28,7 @@ from mst_megatron.modules.gpt_model import MSTGPTModel
 from mst_megatron.ops.chunking import AUTO, ChunkCount
 from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_block_spec, get_gpt_mst_layer_spec
 
-__all__ = ["SPECS", "get_spec", "mst_layer_spec", "mst_layer_spec_layernorm", "mst_layer_spec_qk_norm",
+__all__ = ["SPECS", "get_spec", "add_mst_arguments", "mst_layer_spec", "mst_layer_spec_layernorm", "mst_layer_spec_qk_norm",
            "mst_block_spec", "mst_gpt_builder", "model_provider", "mst_pre_wrap_hook"]
 
 # Layer specs (``ModuleSpec``): for Megatron-LM's --spec and for GPTConfig.transformer_layer_spec.
@@ -55,6 +56,15 @@ def get_spec(name: str):
     if name not in SPECS:
         raise ValueError(f"unknown MST spec name {name!r}; known names: {sorted(SPECS)}")
     return SPECS[name]
+
+
+def add_mst_arguments(parser):
+    """Megatron-LM ``extra_args_provider`` (``parse_args(extra_args_provider=...)``): the MST chunk
+    counts as flags, an int >= 1 or ``auto``. Returns the parser."""
+    from mst_megatron.training.arguments import add_mst_flags
+
+    add_mst_flags(parser)
+    return parser
 
 
 def mst_gpt_builder(args, pre_process: bool, post_process: bool, vp_stage: Optional[int] = None, config=None,

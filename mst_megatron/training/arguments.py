@@ -15,6 +15,16 @@ _SHAPE_OVERRIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attenti
                     "num_query_groups", "max_position_embeddings")
 
 
+def add_mst_flags(parser: argparse.ArgumentParser):
+    """The MST chunk-count flags, in their own argument group (returned)."""
+    g = parser.add_argument_group("mini-sequence transformers")
+    g.add_argument("--mlp-mini-sequences", type=chunk_count_arg, default="auto",
+                   help="MLP chunks per sequence: an int or 'auto'")
+    g.add_argument("--lm-head-mini-sequences", type=chunk_count_arg, default="auto",
+                   help="LM-head + cross-entropy chunks per sequence: an int or 'auto'")
+    return g
+
+
 def chunk_count_arg(text: str):
     """argparse type of the MST chunk-count flags: an int >= 1 or "auto"."""
     if text == "auto":
@@ -51,11 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
 
-    g = p.add_argument_group("mini-sequence transformers")
-    g.add_argument("--mlp-mini-sequences", type=chunk_count_arg, default="auto",
-                   help="MLP chunks per sequence: an int or 'auto'")
-    g.add_argument("--lm-head-mini-sequences", type=chunk_count_arg, default="auto",
-                   help="LM-head + cross-entropy chunks per sequence: an int or 'auto'")
+    g = add_mst_flags(p)
     g.add_argument("--no-mst", action="store_true", help="stock megatron-core GPTModel and layer spec")
 
     g = p.add_argument_group("parallelism")

@@ -1,12 +1,16 @@
-"""What a long run reports: per-step log lines, validation lines, a progress bar, TensorBoard scalars.
+"""What a long run reports: per-step log lines, validation lines, a progress bar, a loss plot,
+TensorBoard scalars.
 
 One rank reports (the last one, which holds the loss on the last pipeline stage). The peak memory
 in a log line is the maximum over all ranks: CUDA ``max_memory_allocated`` on GPU, the process's
 peak resident set size on CPU; the line names which. The progress bar is drawn only when stdout is
-a terminal, so log files stay line-oriented; TensorBoard is used only when it is installed.
+a terminal, so log files stay line-oriented; TensorBoard is used only when it is installed. The
+plot (training and validation loss against tokens, PNG) is rewritten at every :meth:`Monitor.plot`.
 """
 
+import json
 import math
+import os
 import resource
 import sys
 import time
@@ -43,9 +47,12 @@ def _format_seconds(s: float) -> str:
 class Monitor:
     """Report sink of the training loop; inert on every rank but the reporting one."""
 
-    def __init__(self, train_iters: int, enabled: bool, tensorboard_dir: Optional[str] = None):
+    def __init__(self, train_iters: int, enabled: bool, tensorboard_dir: Optional[str] = None,
+                 tokens_per_step: int = 1):
         self.train_iters = train_iters
         self.enabled = enabled
+        self.tokens_per_step = tokens_per_step
+        self.history = {"train": [], "valid": []}  # [tokens, loss] points
         self.bar = enabled and sys.stdout.isatty()
         self.start = time.time()
         self.writer = None
@@ -90,6 +97,7 @@ class Monitor:
             f"{tokens_per_s:,.0f} tokens/s | {step_s * 1e3:,.0f} ms/step | "
             f"{peak_memory_label()} {peak_bytes / 2**20:,.1f} MiB (max over ranks)"
         )
+        self.history["train"].append([iteration * self.tokens_per_step, loss])
         if self.writer is not None:
             for name, value in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", grad_norm),
                                 ("perf/tokens_per_s", tokens_per_s), ("perf/peak_memory_mib", peak_bytes / 2**20)):
@@ -100,9 +108,36 @@ class Monitor:
         """One validation line: loss and perplexity."""
         ppl = math.exp(min(loss, 50.0))
         self.print(f"validation at iter {iteration} | val loss {loss:.7f} | val ppl {ppl:,.3f}")
+        self.history["valid"].append([iteration * self.tokens_per_step, loss])
         if self.writer is not None:
             self.writer.add_scalar("valid/loss", loss, iteration)
             self.writer.add_scalar("valid/ppl", ppl, iteration)
+
+    def plot(self, folder: str) -> None:
+        """Write ``loss.png`` (training and validation loss against tokens) and the points it shows,
+        ``loss.json``, into ``folder``."""
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "loss.json"), "w") as f:
+            json.dump({"tokens_per_step": self.tokens_per_step, **self.history}, f)
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, style in (("train", "-"), ("valid", "o-")):
+            points = self.history[name]
+            if points:
+                ax.plot([t for t, _ in points], [v for _, v in points], style, label=f"{name} loss", markersize=3)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "loss.png"), dpi=110)
+        plt.close(fig)
 
     def close(self) -> None:
         if self.bar:

@@ -152,10 +152,10 @@ def forward_step(data_iterator, model):
     layout (chunks ``r`` and ``2 * CP - 1 - r`` of ``2 * CP``); the loss sums over that shard and
     megatron's schedule and DDP average it over DP x CP.
     """
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from mst_megatron.runtime.mcore_adapter import batch_on_this_cp_rank
 
     batch = {k: v.to(_device(), non_blocking=True) for k, v in next(data_iterator).items()}
-    batch = get_batch_on_this_cp_rank(batch)
+    batch = batch_on_this_cp_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 
@@ -286,7 +286,8 @@ class Trainer:
             self.iteration * self.args.global_batch_size, self.run_info,
         )
         self.last_saved = self.iteration
-        self.monitor.print(f"saved checkpoint {path}")
+        self.monitor.plot(self.args.save)
+        self.monitor.print(f"saved checkpoint {path} (loss plot: {os.path.join(self.args.save, 'loss.png')})")
 
     def load(self, ckpt: Optional[checkpointing.Checkpoint]) -> None:
         """Resume from ``ckpt`` (checked by :func:`plan`); None: ``--load`` is ``--save`` and empty."""
@@ -436,11 +437,6 @@ def plan(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) ->
 def run(p: Plan, start_time: float) -> None:
     """Start the parallel state and train as planned; ``start_time`` anchors --exit-duration-in-mins."""
     a = p.args
-    # torch deprecations triggered inside megatron-core's checkpoint reader: nothing to act on here.
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            module=r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing)")
-    # Megatron-LM's setting for TP communication ordering on GPU (megatron warns without it).
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     deadline = None if a.exit_duration_in_mins is None else start_time + 60 * a.exit_duration_in_mins
     stop = _StopRequests(deadline)  # from here on, SIGTERM means "save after the next step"
     _forks_die_with_this_process()
@@ -451,7 +447,8 @@ def run(p: Plan, start_time: float) -> None:
         from megatron.core.rerun_state_machine import initialize_rerun_state_machine
 
         initialize_rerun_state_machine()  # as Megatron-LM does; megatron warns when it is left implicit
-        monitor = Monitor(a.train_iters, dist.get_rank() == dist.get_world_size() - 1, a.tensorboard_dir)
+        monitor = Monitor(a.train_iters, dist.get_rank() == dist.get_world_size() - 1, a.tensorboard_dir,
+                          tokens_per_step=a.global_batch_size * a.seq_length)
         train_ds, valid_ds = data.build_datasets(
             p.tokenizer, p.blend, a.split, a.seq_length, a.seed, a.train_iters * a.global_batch_size,
             a.eval_iters * a.global_batch_size, a.data_cache_path,
@@ -480,6 +477,11 @@ def pretrain(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None
 def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> int:
     """CLI entry: 0 on success; 2 with a one-line message (rank 0) on bad input; 1 with a one-line
     message (one rank) when work fails (see :class:`~mst_megatron.training.RunError`)."""
+    # torch deprecations triggered inside megatron-core's checkpoint reader: nothing to act on here.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            module=r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing)")
+    # Megatron-LM's setting for TP communication ordering on GPU (megatron warns without it).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:
         pretrain(argv, configs_dir)
     except SetupError as e:
