@@ -308,7 +308,8 @@ A_CKPT = "{A}"  # stands for run A's checkpoint root in the rows below
         (dict(extra=["--load", "/nonexistent/ckpt"]), r"--load /nonexistent/ckpt: no such folder \(to start from "
                                                         r"scratch and save there, give --save the same path\)"),
         (dict(extra=["--load", "{tmp}"]), r"--load \S+ holds no checkpoint \(no latest_checkpointed_iteration"),
-        (dict(extra=["--load", A_CKPT, "--ckpt-step", "5"]), r"no checkpoint for iteration 5 .* found iterations \[4, 8\]"),
+        (dict(extra=["--load", A_CKPT, "--ckpt-step", "5"]),
+         r"no checkpoint for iteration 5 .* found iterations \[4, 8\]"),
         (dict(extra=["--load", A_CKPT + "/iter_0000004", "--ckpt-step", "8"]),
          r"is the folder of iteration 4 but --ckpt-step is 8"),
         (dict(extra=["--load", "{truncated}"]),

@@ -11,10 +11,9 @@ the math, parameter names and state-dict keys are those of the stock local spec.
 from typing import Optional
 
 import torch
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-__all__ = ["RMSNorm", "LayerNorm", "NORMS", "ConfigNorm", "QKNorm"]
+__all__ = ["RMSNorm", "LayerNorm", "NORMS", "ConfigNorm"]
 
 
 def _check_config(config: TransformerConfig, normalization: str) -> None:
@@ -69,19 +68,3 @@ class ConfigNorm:
             raise ValueError(f"normalization must be one of {tuple(NORMS)}, got {name!r}")
         return NORMS[name](config, hidden_size, eps)
 
-
-class QKNorm:
-    """The query/key norm slot: ``config.qk_layernorm`` decides (``qk_layernorm`` None), or
-    ``qk_layernorm`` does and must equal it; a norm as :class:`ConfigNorm` builds it, else identity.
-    A spec and a config that disagree are an error, never silently identity norms."""
-
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
-                normalization: Optional[str] = None, qk_layernorm: Optional[bool] = None):
-        if qk_layernorm is not None and qk_layernorm != config.qk_layernorm:
-            raise ValueError(
-                f"config.qk_layernorm is {config.qk_layernorm} but this layer spec was built with "
-                f"qk_layernorm={qk_layernorm}: build the spec with the config's value (or leave it None)"
-            )
-        if not config.qk_layernorm:
-            return IdentityOp()
-        return ConfigNorm(config, hidden_size, eps, normalization)

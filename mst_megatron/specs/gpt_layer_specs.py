@@ -22,7 +22,7 @@ from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -30,11 +30,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from mst_megatron.modules.attention import SDPAttention
+from mst_megatron.modules.attention import ConfigSelfAttention, SDPAttention
 from mst_megatron.modules.gpt_model import block_spec_from_layer_spec
 from mst_megatron.modules.linear import MiniSequenceColumnParallelLinear
 from mst_megatron.modules.mlp import MiniSequenceMLP
-from mst_megatron.modules.norm import NORMS, ConfigNorm, QKNorm
+from mst_megatron.modules.norm import NORMS, ConfigNorm
 from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
 
 __all__ = ["get_gpt_mst_layer_spec", "get_gpt_mst_block_spec", "get_mlp_spec"]
@@ -69,21 +69,19 @@ def get_gpt_mst_layer_spec(
     if normalization is not None:
         _norm(normalization)  # a bad name fails here, not at build time
     norm = ModuleSpec(module=ConfigNorm, params={"normalization": normalization})
-    qk_norm = ModuleSpec(module=QKNorm, params={"normalization": normalization, "qk_layernorm": qk_layernorm})
     linears = LocalSpecProvider()
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
+                module=ConfigSelfAttention,  # fills the q/k norm slots from config.qk_layernorm
+                params={"attn_mask_type": AttnMaskType.causal, "qk_layernorm": qk_layernorm,
+                        "normalization": normalization},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=MiniSequenceColumnParallelLinear,
                     core_attention=SDPAttention,
                     linear_proj=linears.row_parallel_linear(),
-                    q_layernorm=qk_norm,
-                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
