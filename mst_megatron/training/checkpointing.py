@@ -13,6 +13,7 @@ fits this run (architecture, batch size, optimizer layout, LR schedule, as Megat
 """
 
 import contextlib
+import math
 import multiprocessing
 import os
 import random
@@ -215,7 +216,7 @@ def _check_complete(root: str, iteration: int) -> dict:
 
     path = iteration_dir(root, iteration)
     hint = _earlier_hint(root, iteration)
-    for name in ("metadata.json", ".metadata", "common.pt"):
+    for name in ("metadata.json", ".metadata"):  # megatron-core 0.16 also writes common.pt, 0.19 does not
         if not os.path.isfile(os.path.join(path, name)):
             raise SetupError(f"--load {root}: {os.path.join(path, name)} is missing, the checkpoint is "
                              f"incomplete (a save interrupted?); {hint}")
@@ -236,7 +237,7 @@ def _check_complete(root: str, iteration: int) -> dict:
     try:
         return dist_checkpointing.load_common_state_dict(path)
     except Exception as e:  # noqa: BLE001
-        raise SetupError(f"--load {root}: {os.path.join(path, 'common.pt')} cannot be read ({type(e).__name__}: "
+        raise SetupError(f"--load {root}: the common state of {path} cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
 
 
@@ -280,9 +281,7 @@ def find_checkpoint(load: str, save: Optional[str], step: Optional[int]) -> Opti
 
 
 def _vocab_hint(saved: int, vocab: int, tensor_model_parallel_size: int) -> str:
-    """The --make-vocab-size-divisible-by values that pad ``vocab`` tokens to ``saved`` at this TP."""
-    import math
-
+    """The --make-vocab-size-divisible-by value that pads ``vocab`` tokens to ``saved`` at this TP."""
     fits = [k for k in range(1, saved + 1)
             if saved % (k * tensor_model_parallel_size) == 0
             and math.ceil(vocab / (k * tensor_model_parallel_size)) * k * tensor_model_parallel_size == saved]
@@ -291,6 +290,8 @@ def _vocab_hint(saved: int, vocab: int, tensor_model_parallel_size: int) -> str:
     return f"pass --make-vocab-size-divisible-by {fits[-1]} to pad to it at this tensor-parallel size"
 
 
+# Architecture fields that have a flag of their own (the rest come from --model-config only).
+_SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 # (flag, scheduler state key, samples per unit: True when the key counts samples, not iterations)
 _SCHEDULE = (("--lr", "max_lr", False), ("--min-lr", "min_lr", False), ("--lr-warmup-iters", "lr_warmup_steps", True),
              ("--lr-decay-iters", "lr_decay_steps", True), ("--lr-decay-style", "lr_decay_style", False),
@@ -319,10 +320,12 @@ def check_resume(args, ckpt: Checkpoint, run_info: dict) -> None:
         if key == "architecture" and theirs is not None:
             for field, mine in value.items():
                 if theirs.get(field) != mine:
-                    hint = (_vocab_hint(theirs[field], args.vocab_tokens, args.tensor_model_parallel_size)
-                            if field == "vocab_size" else f"pass --{field.replace('_', '-')} {theirs.get(field)}"
-                            if field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                         "num_query_groups") else "use the checkpoint's model config")
+                    if field == "vocab_size":
+                        hint = _vocab_hint(theirs[field], args.vocab_tokens, args.tensor_model_parallel_size)
+                    elif field in _SHAPE_FLAGS:
+                        hint = f"pass --{field.replace('_', '-')} {theirs.get(field)}"
+                    else:
+                        hint = "use the checkpoint's model config"
                     raise SetupError(f"--load {path}: the checkpoint's {field} is {theirs.get(field)!r}, this run's "
                                      f"is {mine!r}; {hint}")
         elif theirs != value:

@@ -487,6 +487,8 @@ def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) ->
     except SetupError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pretrain_gpt_mst.py: error: {e}", file=sys.stderr, flush=True)
+        else:  # every rank found it; let rank 0 print before torchrun stops the job on this exit
+            time.sleep(2)
         return 2
     except RunError as e:
         if e.report:
