@@ -200,3 +200,51 @@ def test_kubernetes_manifest():
     assert options["--nnodes"] == str(nnodes) and options["--nproc-per-node"] == str(nproc)
     assert options["--rdzv-endpoint"] == "mst-llama3-8b-1m-master-0:29500"
     assert _flag(train, "--context-parallel-size") == env["CP"] and _flag(train, "--seq-length") == env["SEQ_LENGTH"]
+
+
+def _documented_invocations():
+    """Every launch command the docs show (README.md, launch/README.md, the launch files' comments),
+    continuation lines joined, once each: (where, environment assignments, words)."""
+    found = []
+    for doc in ("README.md", "launch/README.md", *(f"launch/slurm/{f}" for f in sorted(os.listdir(SLURM_DIR))),
+                "launch/torchrun_multinode.sh"):
+        with open(os.path.join(ROOT, doc)) as f:
+            text = re.sub(r"\\\n#?\s*", " ", f.read())
+        for line in text.splitlines():
+            match = re.search(r"((?:[A-Z_]+=\S+ )*)(?:bash|sbatch) (launch/\S+)(.*)", line.lstrip("# "))
+            if match:
+                rest = re.sub(r"\[--dry-run\]|\.\.\.|#.*|--dry-run", "", match[3]).split()
+                env = dict(word.split("=", 1) for word in match[1].split())
+                if all((env, [match[2], *rest]) != (e, w) for _, e, w in found):
+                    found.append((doc, env, [match[2], *rest]))
+    return found
+
+
+def test_docs_show_launch_commands():
+    files = {words[0] for _, _, words in _documented_invocations()}
+    assert {"launch/torchrun_multinode.sh", "launch/slurm/llama3-8b-1m-multinode.sbatch",
+            "launch/slurm/llama3-8b-128k-1node.sbatch"} <= files, files
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("doc, env, words", _documented_invocations(), ids=lambda x: x if isinstance(x, str) else None)
+def test_documented_invocations_dry_run_never_launch(tmp_path, where, doc, env, words):
+    """--dry-run first or last on a documented command line: the command is printed, and neither
+    torchrun (the interpreter's torch.distributed.run, or a torchrun on PATH) nor srun is called."""
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    marker = tmp_path / "launched"
+    for name in ("torchrun", "srun"):
+        (fakes / name).write_text(f"#!/bin/sh\necho {name} >> {marker}\nexit 97\n")
+    (fakes / "python").write_text(  # the launcher runs torchrun as `$PYTHON -m torch.distributed.run`
+        f'#!/bin/sh\ncase "$*" in *torch.distributed.run*) echo torchrun >> {marker}; exit 97;; esac\n'
+        f'exec {sys.executable} "$@"\n')
+    for fake in fakes.iterdir():
+        fake.chmod(0o755)
+    argv = [words[0], "--dry-run", *words[1:]] if where == "first" else [*words, "--dry-run"]
+    slurm = dict(SLURM_ENV, SLURM_JOB_NUM_NODES="4", SLURM_JOB_NODELIST="gpu[012-015]") if ".sbatch" in words[0] else {}
+    result = _run(["bash", *argv], {**slurm, **env, "PATH": f"{fakes}:{os.environ['PATH']}",
+                                    "PYTHON": str(fakes / "python")})
+    assert not marker.exists(), (doc, argv, marker.read_text(), result.stdout, result.stderr)
+    assert result.returncode == 0, (doc, argv, result.stdout, result.stderr)
+    assert "torch.distributed.run" in result.stdout, result.stdout

@@ -273,6 +273,47 @@ def test_spec_uses_mst_modules():
     assert out.shape == (10, 2, 64)
 
 
+@pytest.mark.parametrize("normalization, qk_layernorm", [("LayerNorm", False), ("LayerNorm", True),
+                                                       ("RMSNorm", True)])
+def test_readme_three_lines_follow_the_config(normalization, qk_layernorm):
+    """README's three lines (no normalization / qk_layernorm passed) with a plain megatron
+    TransformerConfig: the layer spec takes both from the config, as the stock local spec's norms and
+    the block spec do, so the model's parameters are stock's; losses match the stock model's."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from mst_megatron import MSTGPTModel, get_gpt_mst_layer_spec
+    from mst_megatron.modules.norm import NORMS
+
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+                               normalization=normalization, qk_layernorm=qk_layernorm, hidden_dropout=0.0,
+                               attention_dropout=0.0, masked_softmax_fusion=False, bias_dropout_fusion=False,
+                               gradient_accumulation_fusion=False, persist_layer_norm=False)
+    spec = get_gpt_mst_layer_spec(mlp_mini_sequences="auto")
+    model = MSTGPTModel(config, spec, 256, 32, lm_head_mini_sequences="auto")
+    attention = model.decoder.layers[0].self_attention
+    assert type(model.decoder.layers[0].input_layernorm) is NORMS[normalization]
+    assert (type(attention.q_layernorm) is NORMS[normalization]) == qk_layernorm
+    stock = GPTModel(config, get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm), 256, 32)
+    model.load_state_dict(stock.state_dict(), strict=True)
+    tokens, labels = fixed_batches(1, 2, 32, 256)
+    assert forward_backward([model], tokens, labels) == pytest.approx(forward_backward([stock], tokens, labels),
+                                                                      rel=LOSS_TOL)
+
+
+@pytest.mark.parametrize("spec_kwargs, config_kwargs, match", [
+    (dict(normalization="RMSNorm"), dict(normalization="LayerNorm"), "config.normalization is 'LayerNorm'"),
+    (dict(qk_layernorm=False), dict(qk_layernorm=True), "config.qk_layernorm is True"),
+    (dict(qk_layernorm=True), dict(qk_layernorm=False), "config.qk_layernorm is False"),
+])
+def test_spec_and_config_that_disagree_are_an_error(spec_kwargs, config_kwargs, match):
+    from mst_megatron import MSTGPTModel, get_gpt_mst_layer_spec
+
+    with pytest.raises(ValueError, match=match):
+        MSTGPTModel(tiny_config(**config_kwargs), get_gpt_mst_layer_spec(**spec_kwargs), 256, 32)
+
+
 def test_mlp_takes_the_layers_process_groups():
     """megatron-core 0.19 hands the MLP spec the layer's pg_collection: a custom TP group reaches the
     MST MLP. 0.16's TransformerLayer passes an MLP subclass only its config (the default TP group)."""

@@ -6,7 +6,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DRY_RUN="${MST_DRY_RUN:-0}"
-[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+for arg in "$@"; do if [[ "$arg" == "--dry-run" ]]; then DRY_RUN=1; fi; done  # wherever it stands
 
 JOB=(bash "$ROOT/launch/train_llama3_8b_long.sh" --scheduler slurm)
 SRUN=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${JOB[@]}")

@@ -12,9 +12,9 @@ rendezvous assigns them). Values come from, in order: the flags, then the schedu
 * the rendezvous port: ``PET_MASTER_PORT`` / ``MASTER_PORT``, else 29500.
 
 Before anything starts, the training flags' TP/PP/CP are checked against the cluster's shape
-(:func:`mst_megatron.launch.plan.check_layout`). ``--dry-run`` (or ``MST_DRY_RUN=1``) prints the
-command instead of running it; otherwise the launcher replaces itself with torchrun, so the
-scheduler's signals reach torchrun directly.
+(:func:`mst_megatron.launch.plan.check_layout`). ``--dry-run`` (or ``MST_DRY_RUN=1``), wherever it
+stands on the command line, prints the command instead of running it; otherwise the launcher
+replaces itself with torchrun, so the scheduler's signals reach torchrun directly.
 """
 
 import argparse
@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-id", default=None, help="rendezvous id, the same on every node (SLURM_JOB_ID, else 'mst')")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="auto", help="whose environment to read")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun's worker-group restarts")
-    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it (or MST_DRY_RUN=1)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command instead of running it, wherever it stands (or MST_DRY_RUN=1)")
     p.add_argument("script", help="training script, e.g. examples/pretrain_gpt_mst.py")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its flags")
     return p
@@ -186,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None, env: Optional[Mapping[str, str]] = None) -> int:
     """CLI entry: print the command (dry run) or exec it; 2 with a one-line message on bad input."""
     env = os.environ if env is None else env
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --dry-run wherever it stands, also among the training flags (none of them is called that):
+    # after the script path argparse would hand it to the script, and torchrun would start.
+    dry_run = "--dry-run" in argv or env.get("MST_DRY_RUN") == "1"
+    args = build_parser().parse_args([a for a in argv if a != "--dry-run"])
     try:
         launch = resolve(args, env)
     except LaunchError as e:
@@ -194,7 +199,7 @@ def main(argv: Optional[List[str]] = None, env: Optional[Mapping[str, str]] = No
         return 2
     command = launch.command()
     print(shlex.join(command), flush=True)
-    if args.dry_run or env.get("MST_DRY_RUN") == "1":
+    if dry_run:
         return 0
     os.execv(command[0], command)
 

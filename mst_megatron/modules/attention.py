@@ -47,7 +47,12 @@ from torch.nn.attention import SDPBackend
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
+import dataclasses
+
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
@@ -55,7 +60,7 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from mst_megatron.ops.context_parallel import heads_to_sequence, sequence_to_heads
 from mst_megatron.ops.ring_attention import ring_attention
 
-__all__ = ["SDPAttention"]
+__all__ = ["SDPAttention", "ConfigSelfAttention"]
 
 SUPPORTED_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.no_mask)
 CP_COMM_TYPES = (None, "a2a", "p2p", "a2a+p2p")  # None: megatron's default, taken as the all-to-all here
@@ -269,3 +274,29 @@ def _warn_cpu_dropout(query: torch.Tensor) -> None:
             "SDPA uses its math kernel, which materialises the [b, heads, s, s] scores",
             stacklevel=3,
         )
+
+
+class ConfigSelfAttention(SelfAttention):
+    """megatron-core's ``SelfAttention`` whose query/key norms follow ``config.qk_layernorm``.
+
+    A layer spec is built before the config is known; this fills the ``q_layernorm``/``k_layernorm``
+    slots when the layer is built: :class:`~mst_megatron.modules.norm.ConfigNorm` (of
+    ``normalization``, default the config's) when ``config.qk_layernorm``, else identity. An
+    explicit ``qk_layernorm`` that differs from the config's is a ``ValueError``, never silently
+    identity norms. Parameters and state-dict keys are ``SelfAttention``'s.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules, *args, qk_layernorm: Optional[bool] = None,
+                 normalization: Optional[str] = None, **kwargs):
+        from mst_megatron.modules.norm import ConfigNorm
+
+        if qk_layernorm is not None and qk_layernorm != config.qk_layernorm:
+            raise ValueError(
+                f"config.qk_layernorm is {config.qk_layernorm} but this layer spec was built with "
+                f"qk_layernorm={qk_layernorm}: build the spec with the config's value (or leave it None)"
+            )
+        norm = IdentityOp
+        if config.qk_layernorm:
+            norm = ModuleSpec(module=ConfigNorm, params={"normalization": normalization})
+        submodules = dataclasses.replace(submodules, q_layernorm=norm, k_layernorm=norm)
+        super().__init__(config, submodules, *args, **kwargs)

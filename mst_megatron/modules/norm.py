@@ -8,10 +8,12 @@ own fused norms set. These classes are torch's norms with megatron's norm constr
 the math, parameter names and state-dict keys are those of the stock local spec.
 """
 
+from typing import Optional
+
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-__all__ = ["RMSNorm", "LayerNorm", "NORMS"]
+__all__ = ["RMSNorm", "LayerNorm", "NORMS", "ConfigNorm"]
 
 
 def _check_config(config: TransformerConfig, normalization: str) -> None:
@@ -53,3 +55,16 @@ class LayerNorm(torch.nn.LayerNorm):
 
 # ``normalization`` value (megatron's names) -> norm class
 NORMS = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}
+
+
+class ConfigNorm:
+    """Builds the norm ``config.normalization`` names (as the stock local spec's norm does), or the
+    one ``normalization`` names, which must then equal the config's."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                normalization: Optional[str] = None):
+        name = config.normalization if normalization is None else normalization
+        if name not in NORMS:
+            raise ValueError(f"normalization must be one of {tuple(NORMS)}, got {name!r}")
+        return NORMS[name](config, hidden_size, eps)
+

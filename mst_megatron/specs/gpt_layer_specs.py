@@ -22,20 +22,19 @@ from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from mst_megatron.modules.attention import SDPAttention
+from mst_megatron.modules.attention import ConfigSelfAttention, SDPAttention
 from mst_megatron.modules.gpt_model import block_spec_from_layer_spec
 from mst_megatron.modules.linear import MiniSequenceColumnParallelLinear
 from mst_megatron.modules.mlp import MiniSequenceMLP
-from mst_megatron.modules.norm import NORMS
+from mst_megatron.modules.norm import NORMS, ConfigNorm
 from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
 
 __all__ = ["get_gpt_mst_layer_spec", "get_gpt_mst_block_spec", "get_mlp_spec"]
@@ -45,8 +44,8 @@ BACKENDS = ("local",)
 
 def get_gpt_mst_layer_spec(
     mlp_mini_sequences: ChunkCount = AUTO,
-    normalization: str = "RMSNorm",
-    qk_layernorm: bool = False,
+    normalization: Optional[str] = None,
+    qk_layernorm: Optional[bool] = None,
     backend: str = "local",
 ) -> ModuleSpec:
     """``TransformerLayer`` spec: local linears (QKV chunked under SP), SP-aware norms, SDPA core
@@ -55,29 +54,34 @@ def get_gpt_mst_layer_spec(
     Args:
         mlp_mini_sequences: chunks per MLP call, an int >= 1 or ``"auto"`` (see
             :class:`~mst_megatron.modules.mlp.MiniSequenceMLP`); 1 is the stock MLP computation.
-        normalization: ``"RMSNorm"`` or ``"LayerNorm"``; must match ``config.normalization``.
-        qk_layernorm: normalise queries and keys per head (same norm type), as the local spec does.
+        normalization: ``"RMSNorm"`` or ``"LayerNorm"``; None (default): ``config.normalization`` of
+            the model the spec is built into, as the stock local spec's norms do. A value that differs
+            from the config's is an error when the layer is built.
+        qk_layernorm: normalise queries and keys per head (same norm type); None (default):
+            ``config.qk_layernorm``. A value that differs from the config's is an error when the layer
+            is built (stock's spec would silently build identity norms).
         backend: ``"local"`` (megatron-core's own linears). A Transformer Engine backend would need
             its fused norm+fc1 kept inside each chunk; it is not implemented yet.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     mlp_mini_sequences = validate_chunk_count(mlp_mini_sequences, "mlp_mini_sequences")
-    norm = _norm(normalization)
+    if normalization is not None:
+        _norm(normalization)  # a bad name fails here, not at build time
+    norm = ModuleSpec(module=ConfigNorm, params={"normalization": normalization})
     linears = LocalSpecProvider()
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
+                module=ConfigSelfAttention,  # fills the q/k norm slots from config.qk_layernorm
+                params={"attn_mask_type": AttnMaskType.causal, "qk_layernorm": qk_layernorm,
+                        "normalization": normalization},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=MiniSequenceColumnParallelLinear,
                     core_attention=SDPAttention,
                     linear_proj=linears.row_parallel_linear(),
-                    q_layernorm=norm if qk_layernorm else IdentityOp,
-                    k_layernorm=norm if qk_layernorm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

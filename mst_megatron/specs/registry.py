@@ -32,9 +32,9 @@ __all__ = ["SPECS", "get_spec", "add_mst_arguments", "mst_layer_spec", "mst_laye
            "mst_block_spec", "mst_gpt_builder", "model_provider", "mst_pre_wrap_hook"]
 
 # Layer specs (``ModuleSpec``): for Megatron-LM's --spec and for GPTConfig.transformer_layer_spec.
-mst_layer_spec = get_gpt_mst_layer_spec()  # Llama-family: RMSNorm
+mst_layer_spec = get_gpt_mst_layer_spec()  # norms and qk-norm as the model's config says
 mst_layer_spec_layernorm = get_gpt_mst_layer_spec(normalization="LayerNorm")
-mst_layer_spec_qk_norm = get_gpt_mst_layer_spec(qk_layernorm=True)  # RMSNorm on queries and keys too
+mst_layer_spec_qk_norm = get_gpt_mst_layer_spec(qk_layernorm=True)  # needs config.qk_layernorm (--qk-layernorm)
 
 
 def mst_block_spec(config, vp_stage: Optional[int] = None, mlp_mini_sequences: ChunkCount = AUTO):

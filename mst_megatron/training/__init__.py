@@ -12,3 +12,12 @@
 
 class SetupError(ValueError):
     """Bad input found before any work starts; the CLI prints it as one line and exits 2."""
+
+
+class RunError(RuntimeError):
+    """A failure found during work (an unreadable checkpoint file, a full disk): the CLI prints it as
+    one line and exits 1. Raised on every rank; only the one with ``report`` set prints it."""
+
+    def __init__(self, message: str, report: bool = True):
+        super().__init__(message)
+        self.report = report

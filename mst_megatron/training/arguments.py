@@ -6,6 +6,7 @@ hang or a traceback from deep inside megatron-core.
 """
 
 import argparse
+import math
 import os
 
 from mst_megatron.training import SetupError
@@ -37,8 +38,16 @@ def chunk_count_arg(text: str):
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``prog: error: message``, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
+        prog="pretrain_gpt_mst.py",
         description="Pretrain a GPT with Mini-Sequence Transformers on megatron-core (launch with torchrun).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -108,8 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=50)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--save", default=None, help="checkpoint root folder")
-    g.add_argument("--load", default=None, help="checkpoint root to resume from (fresh start if it has none)")
+    g.add_argument("--load", default=None,
+                   help="checkpoint root (or one of its iter_NNNNNNN folders) to resume from; a root without "
+                        "a checkpoint starts from scratch only when it is also --save")
     g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the latest")
+    g.add_argument("--finetune", action="store_true",
+                   help="load the weights only: fresh optimizer, scheduler and RNG, iteration and samples from 0")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="do not load the optimizer and scheduler state (the iteration is still resumed)")
+    g.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="resume with this run's LR/WD schedule flags where they differ from the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="resume with the checkpoint's LR/WD schedule, ignoring this run's schedule flags")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="stop (evaluate, save) after this much wall-clock time, setup included")
@@ -184,7 +204,26 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
     _require(args.lr_warmup_iters < args.lr_decay_iters,
              f"--lr-warmup-iters ({args.lr_warmup_iters}) must be < --lr-decay-iters ({args.lr_decay_iters})")
+    _require(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     _require(0.0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
+    _require(args.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
+    ranges = {"weight_decay": (0.0, math.inf, "[0, inf)"), "clip_grad": (0.0, math.inf, "[0, inf)"),
+              "hidden_dropout": (0.0, 1.0, "[0, 1]"), "attention_dropout": (0.0, 1.0, "[0, 1]")}
+    for name, (low, high, text) in ranges.items():
+        value = getattr(args, name)
+        _require(low <= value <= high, f"--{name.replace('_', '-')} must be in {text}, got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, name)
+        _require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    for name in ("adam_eps", "init_method_std"):
+        _require(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    _require(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
+    for name in ("finetune", "no_load_optim", "no_load_rng", "override_opt_param_scheduler",
+                 "use_checkpoint_opt_param_scheduler"):
+        flag = "--" + name.replace("_", "-").replace("opt-param", "opt_param")
+        _require(not getattr(args, name) or args.load is not None, f"{flag} needs --load")
+    _require(args.ckpt_step is None or args.ckpt_step >= 0, f"--ckpt-step must be >= 0, got {args.ckpt_step}")
     _require(args.save_interval is None or args.save is not None, "--save-interval needs --save")
     _require(args.ckpt_step is None or args.load is not None, "--ckpt-step needs --load")
     for name in ("rotary_base", "rope_scaling_factor"):
@@ -192,7 +231,21 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         _require(value is None or value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
     minutes = args.exit_duration_in_mins
     _require(minutes is None or minutes > 0, f"--exit-duration-in-mins must be > 0, got {minutes}")
+    for flag, path in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir),
+                       ("--data-cache-path", args.data_cache_path)):
+        if path is not None:
+            check_writable_dir(flag, path)
     return args
+
+
+def check_writable_dir(flag: str, path: str) -> None:
+    """``path`` is a folder this process may write into, or one it may create."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _require(os.path.isdir(existing), f"{flag} {path}: {existing} is not a folder")
+    _require(os.access(existing, os.W_OK | os.X_OK),
+             f"{flag} {path}: {existing} is not writable; pick a folder this job may write into")
 
 
 def check_shape(args: argparse.Namespace, shape) -> None:
@@ -205,7 +258,7 @@ def check_shape(args: argparse.Namespace, shape) -> None:
     _require(args.rope_scaling_factor is None or shape.rope_scaling,
              "--rope-scaling-factor needs RoPE scaling on: --use-rope-scaling, or rope_scaling true in the model config")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    for name in ("num_attention_heads", "num_query_groups"):
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
         _require(getattr(shape, name) % tp == 0,
                  f"the model's {name} ({getattr(shape, name)}) is not divisible by --tensor-model-parallel-size {tp}")
     cp = args.context_parallel_size

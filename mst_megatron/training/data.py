@@ -135,6 +135,24 @@ def check_data(prefixes: List[str], vocab_size: int, split: str) -> None:
             )
 
 
+def check_cache(prefixes: List[str], cache_path: Optional[str]) -> None:
+    """megatron-core's sample-index cache can be written: ``--data-cache-path`` (checked with the
+    flags), else ``<prefix>/cache/GPTDataset_indices``, which must exist (a cache built before) or be
+    creatable."""
+    if cache_path is not None:
+        return
+    for prefix in prefixes:
+        folder = os.path.join(prefix, "cache", "GPTDataset_indices")
+        existing = folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if existing != folder and not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+            raise SetupError(
+                f"--data-path {prefix}: megatron-core caches its sample index in {folder}, which cannot be "
+                f"created ({existing} is not writable); pass --data-cache-path with a writable folder"
+            )
+
+
 def build_datasets(
     tokenizer,
     blend: Tuple[List[str], Optional[List[float]]],

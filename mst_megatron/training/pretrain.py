@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from mst_megatron.runtime.parallel import destroy_parallel, init_parallel
 from mst_megatron.runtime.quiet import import_megatron_quietly
-from mst_megatron.training import SetupError, arguments, checkpointing, data, model_config
+from mst_megatron.training import RunError, SetupError, arguments, checkpointing, data, model_config
 from mst_megatron.training.monitor import Monitor, max_over_ranks, peak_memory_bytes
 
 
@@ -97,7 +97,6 @@ def build_model(config, shape, vocab_size: int, mst: Optional[dict], use_distrib
 def build_optimizer(args, model: List):
     """megatron-core Adam (distributed or not) and Megatron-LM's sample-based LR schedule."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = OptimizerConfig(
         optimizer="adam",
@@ -113,8 +112,16 @@ def build_optimizer(args, model: List):
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, model)
+    return optimizer, build_scheduler(args, optimizer)
+
+
+def build_scheduler(args, optimizer):
+    """Megatron-LM's sample-based LR/WD schedule from the flags, with its resume rule (see
+    :func:`~mst_megatron.training.checkpointing.check_resume`)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     samples = args.global_batch_size  # the scheduler counts samples, one step = one global batch
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=args.lr,
@@ -126,8 +133,10 @@ def build_optimizer(args, model: List):
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * samples,
         wd_incr_style="constant",
+        # Megatron-LM's resume rule; check_resume has refused differing flags unless one of these is given.
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
     )
-    return optimizer, scheduler
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -189,6 +198,28 @@ class _StopRequests:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
+
+
+_FORK_HOOK_SET = False
+
+
+def _forks_die_with_this_process() -> None:
+    """Processes this rank forks (megatron-core 0.16's checkpoint writers) get SIGTERM's default
+    action back (not the rank's flag-only handler) and, on Linux, SIGKILL when the rank dies, so a
+    SIGKILLed rank leaves none behind."""
+    global _FORK_HOOK_SET
+    if _FORK_HOOK_SET:
+        return
+    _FORK_HOOK_SET = True
+
+    def child():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    os.register_at_fork(after_in_child=child)
 
 
 class Trainer:
@@ -262,21 +293,22 @@ class Trainer:
         self.monitor.plot(self.args.save)
         self.monitor.print(f"saved checkpoint {path} (loss plot: {os.path.join(self.args.save, 'loss.png')})")
 
-    def load(self) -> None:
+    def load(self, ckpt: Optional[checkpointing.Checkpoint]) -> None:
+        """Resume from ``ckpt`` (checked by :func:`plan`); None: ``--load`` is ``--save`` and empty."""
         a = self.args
-        loaded = checkpointing.load_checkpoint(a.load, self.model, self.optimizer, self.scheduler, self.run_info,
-                                               a.ckpt_step)
-        if loaded is None:
+        if ckpt is None:
             self.monitor.print(f"--load {a.load}: no checkpoint yet, starting from scratch")
             return
-        self.iteration, consumed = loaded
-        if consumed != self.iteration * a.global_batch_size:
-            raise SetupError(
-                f"--load {a.load}: the checkpoint consumed {consumed} samples in {self.iteration} steps; "
-                f"resume it with its --global-batch-size ({consumed // max(self.iteration, 1)})"
-            )
-        self.last_saved = self.iteration
-        self.monitor.print(f"resumed from {checkpointing.iteration_dir(a.load, self.iteration)}")
+        weights_only = a.finetune or a.no_load_optim
+        iteration, _ = checkpointing.load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler,
+                                                     load_optim=not weights_only,
+                                                     load_rng=not (a.finetune or a.no_load_rng))
+        if a.finetune or ckpt.common.get("weights_only"):
+            self.monitor.print(f"loaded the weights of {ckpt.path}"
+                               f"{' (--finetune)' if a.finetune else ' (weights only)'}: training from iteration 0")
+            return
+        self.iteration = self.last_saved = iteration
+        self.monitor.print(f"resumed from {ckpt.path}" + (" (weights only: --no-load-optim)" if weights_only else ""))
 
     def train(self) -> None:
         a = self.args
@@ -335,8 +367,6 @@ def _transformer_config(args, shape):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
-        cp_comm_type=args.cp_comm_type,
-        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
         sequence_parallel=args.sequence_parallel,
         bf16=args.bf16,
         hidden_dropout=args.hidden_dropout,
@@ -376,6 +406,8 @@ class Plan:
     vocab_size: int
     config: object  # TransformerConfig
     mst: Optional[dict]
+    run_info: dict  # what a checkpoint must match (see checkpointing.check_resume)
+    checkpoint: Optional[checkpointing.Checkpoint]  # what --load resumes; None: nothing to load
 
     def describe(self, train_ds, valid_ds) -> str:
         a = self.args
@@ -405,17 +437,20 @@ def plan(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) ->
     tokenizer = data.load_tokenizer(args.tokenizer_model)
     blend = data.parse_data_path(args.data_path)
     data.check_data(blend[0], tokenizer.vocab_size, args.split)
+    data.check_cache(blend[0], args.data_cache_path)
     mst = None if args.no_mst else dict(mlp_mini_sequences=args.mlp_mini_sequences,
                                         lm_head_mini_sequences=args.lm_head_mini_sequences)
     vocab_size = _vocab_size(shape, tokenizer, args)
+    args.vocab_tokens = shape.vocab_size or tokenizer.vocab_size  # before padding
+    run_info = dict(architecture={**shape.architecture(), "vocab_size": vocab_size},
+                    use_distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16)
+    checkpoint = None
     if args.load:
-        checkpointing.check_weights_only(args.load, args.ckpt_step, _architecture(shape, vocab_size))
-    return Plan(args, shape, tokenizer, blend, vocab_size, _transformer_config(args, shape), mst)
-
-
-def _architecture(shape, vocab_size: int) -> dict:
-    """What a checkpoint's model must match: the shape with the run's padded vocabulary."""
-    return {**shape.architecture(), "vocab_size": vocab_size}
+        checkpoint = checkpointing.find_checkpoint(args.load, args.save, args.ckpt_step)
+        if checkpoint is not None:
+            checkpointing.check_resume(args, checkpoint, run_info)
+    config = _transformer_config(args, shape)
+    return Plan(args, shape, tokenizer, blend, vocab_size, config, mst, run_info, checkpoint)
 
 
 def run(p: Plan, start_time: float) -> None:
@@ -423,9 +458,9 @@ def run(p: Plan, start_time: float) -> None:
     a = p.args
     deadline = None if a.exit_duration_in_mins is None else start_time + 60 * a.exit_duration_in_mins
     stop = _StopRequests(deadline)  # from here on, SIGTERM means "save after the next step"
+    _forks_die_with_this_process()
     init_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size,
-                  a.virtual_pipeline_model_parallel_size, seed=a.seed,
-                  hierarchical_context_parallel_sizes=a.hierarchical_context_parallel_sizes)
+                  a.virtual_pipeline_model_parallel_size, seed=a.seed)
     try:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.rerun_state_machine import initialize_rerun_state_machine
@@ -442,12 +477,10 @@ def run(p: Plan, start_time: float) -> None:
         p.config.finalize_model_grads_func = finalize_model_grads
         p.config.grad_scale_func = optimizer.scale_loss
         monitor.print(p.describe(train_ds, valid_ds))
-        run_info = dict(architecture=_architecture(p.shape, p.vocab_size),
-                        use_distributed_optimizer=a.use_distributed_optimizer, bf16=a.bf16)
         model_shape = dict(p.shape.__dict__, vocab_size=p.vocab_size)
-        trainer = Trainer(a, model, optimizer, scheduler, train_ds, valid_ds, monitor, run_info, stop, model_shape)
+        trainer = Trainer(a, model, optimizer, scheduler, train_ds, valid_ds, monitor, p.run_info, stop, model_shape)
         if a.load:
-            trainer.load()
+            trainer.load(p.checkpoint)
             if a.save and dist.get_rank() == 0:
                 _carry_hf_files(a.load, a.save)
         trainer.train()
@@ -464,7 +497,8 @@ def pretrain(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None
 
 
 def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> int:
-    """CLI entry: 0 on success, 2 with a one-line message (rank 0) on bad input."""
+    """CLI entry: 0 on success; 2 with a one-line message (rank 0) on bad input; 1 with a one-line
+    message (one rank) when work fails (see :class:`~mst_megatron.training.RunError`)."""
     # torch deprecations triggered inside megatron-core's checkpoint reader: nothing to act on here.
     warnings.filterwarnings("ignore", category=FutureWarning,
                             module=r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing)")
@@ -475,7 +509,13 @@ def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) ->
     except SetupError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pretrain_gpt_mst.py: error: {e}", file=sys.stderr, flush=True)
+        else:  # every rank found it; let rank 0 print before torchrun stops the job on this exit
+            time.sleep(2)
         return 2
+    except RunError as e:
+        if e.report:
+            print(f"pretrain_gpt_mst.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
