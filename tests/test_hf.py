@@ -5,6 +5,7 @@ export after import is bit for bit, a training run at 4x the model's max_positio
 to HF with the same loss at those positions, and every bad input fails with its own error before any work.
 """
 
+import argparse
 import json
 import os
 import re
@@ -183,10 +184,13 @@ def test_bad_targets_and_vocab_padding_fail(imported, tmp_path):
     with pytest.raises(SetupError, match=r"--save .*: exists and is not an empty folder"):
         hf.import_hf(folder, root)
     arch = load_model_shape(os.path.join(root, "model_config.json")).architecture()
+    ckpt = checkpointing.find_checkpoint(root, None, None)
+    run_args = argparse.Namespace(finetune=False, no_load_optim=False)
     with pytest.raises(SetupError, match=r"512 vocabulary rows, this run pads the vocabulary to 768"):
-        checkpointing.check_weights_only(root, None, dict(arch, vocab_size=768))
+        checkpointing.check_resume(run_args, ckpt, dict(architecture=dict(arch, vocab_size=768)))
     with pytest.raises(SetupError, match=r"differs from this run's .*'num_layers': \(2, 4\)"):
-        checkpointing.check_weights_only(root, None, dict(arch, num_layers=4))
+        checkpointing.check_resume(run_args, ckpt, dict(architecture=dict(arch, num_layers=4)))
+    checkpointing.check_resume(run_args, ckpt, dict(architecture=arch))  # the imported model itself fits
 
 
 def test_train_at_4x_context_then_export_loads_in_transformers(corpus, tmp_path):
