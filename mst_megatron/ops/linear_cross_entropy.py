@@ -35,6 +35,7 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
 
 from mst_megatron.ops.chunking import chunk_sizes
 
@@ -236,7 +237,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g = grad_loss.float().view(lse.shape)
         if dh is not None:  # row i times g_i, computed in fp32 and rounded once to dh's dtype
             dh.mul_(g[ctx.tp_rank if ctx.sequence_parallel else 0].unsqueeze(1))
-        if dw is not None:
+        if dw is not None and is_fake(g):
+            # A fake tensor (shape-only simulation) has no values to search: assume a mean loss, one
+            # common upstream gradient and no token to recompute (the cost of the usual training step).
+            dw.mul_(g.reshape(-1)[0])
+        elif dw is not None:
             values, counts = torch.unique(g, return_counts=True)
             common = values[counts.argmax()]
             dw.mul_(common)
@@ -256,6 +261,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     _add_product(dw, grad_logits.to(hidden.dtype).t(), hidden_r)
                     del probs, grad_logits, hidden_r
                 start = end
+        if dw is not None:
             # dW is returned once and never also written to weight.grad (that doubled it in earlier MST code).
             dw = dw.to(weight.dtype)
         return dh, dw, None, None, None, None, None
@@ -285,6 +291,10 @@ def linear_cross_entropy(
     ``tp_group`` rank after rank; ``labels`` and the returned loss cover all ``T = tp_size * T_local``
     tokens in that order; ``num_chunks`` splits the shard (at most ``T_local``); and ``dh`` comes back
     complete for this rank's rows (nothing left for the caller to reduce).
+
+    Under ``FakeTensorMode`` (shape-only simulation) backward cannot read the upstream gradient's
+    values: it assumes a mean loss (one common value, no token recomputed) and returns fake gradients of
+    the right shapes.
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [T, h], got shape {tuple(hidden.shape)}")
