@@ -108,7 +108,7 @@ def parse(argv: Optional[List[str]] = None):
     return args, shape
 
 
-def _checked(args, shape, seq_length: int):
+def checked_args(args, shape, seq_length: int):
     """A copy of ``args`` at ``seq_length``, through the pretraining example's own checks."""
     from mst_megatron.training import arguments
 
@@ -241,22 +241,72 @@ class _PhaseFlops(FlopCounterMode):
         return out
 
 
-def simulate_rank(a, shape, rank: int) -> Dict:
-    """One step of ``rank`` in ``a``'s layout (``a`` from :func:`_checked`); its memory and FLOPs."""
-    import torch.distributed as dist
+def step_report(a, shape, fake: bool = True) -> Dict:
+    """Build this rank's model, DDP and optimizer (with Adam's state) and run one step's micro-batches
+    through megatron's schedule, under ``FakeTensorMode`` when ``fake`` (the real tensors otherwise:
+    the simulator's check); the parallel state must be up. Returns its memory and FLOPs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mst_megatron.tools.memory import _StepMemTracker
+    from mst_megatron.training import model_config, pretrain
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    shape_s = shape.replace(max_position_embeddings=a.max_position_embeddings)
+    vocab = model_config.padded_vocab_size(shape.vocab_size, a.make_vocab_size_divisible_by,
+                                           a.tensor_model_parallel_size)
+    config = pretrain._transformer_config(a, shape_s)
+    config.perform_initialization = False
+    mst = None if a.no_mst else dict(mlp_mini_sequences=a.mlp_mini_sequences,
+                                     lm_head_mini_sequences=a.lm_head_mini_sequences)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with _simulation_bridges(), mode:
+        model = pretrain.build_model(config, shape_s, vocab, mst, a.use_distributed_optimizer,
+                                     check_for_nan_in_grad=False)
+        optimizer, _ = pretrain.build_optimizer(a, model)
+        opt_tensors = _adam_state(optimizer)
+        seen = set()
+        weights = _new_bytes((p for chunk in model for p in chunk.parameters()), seen)
+        grads = _new_bytes((buf.grad_data for chunk in model for buf in chunk.buffers), seen)
+        opt_bytes = _new_bytes(opt_tensors, seen)  # fp32 master weights (bf16) and Adam's moments
+        other = _new_bytes((buf.param_data for chunk in model for buf in chunk.buffers), seen)
+        static = weights + grads + opt_bytes + other
+        forward_backward = get_forward_backward_func()
+        iterators = [_batches(a, vocab) for _ in model]
+        tracker, flops = _StepMemTracker(), _PhaseFlops()
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        with tracker, flops:
+            forward_backward(forward_step_func=pretrain.forward_step, data_iterator=iterators, model=model,
+                             num_microbatches=a.num_microbatches, seq_length=a.seq_length,
+                             micro_batch_size=a.micro_batch_size, forward_only=False)
+        snapshot = tracker.get_tracker_snapshot("peak")
+    step = {}
+    for dev_snap in snapshot.values():
+        for k, v in dev_snap.items():
+            name = "total" if k == "Total" else getattr(k, "name", str(k))
+            step[name] = step.get(name, 0) + int(v)
+    return dict(
+        memory=dict(weights=weights, grads=grads, optimizer=opt_bytes, other_static=other,
+                    activations=step.get("ACT", 0),
+                    temporaries=step.get("total", 0) - step.get("ACT", 0),
+                    step_peak=step.get("total", 0), peak=static + step.get("total", 0)),
+        flops=dict(forward=flops.phase["forward"], backward_and_recompute=flops.phase["backward"],
+                   total=flops.get_total_flops()),
+    )
+
+
+def simulate_rank(a, shape, rank: int) -> Dict:
+    """One step of ``rank`` in ``a``'s layout (``a`` from :func:`checked_args`) on the fake process group."""
+    import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from mst_megatron.runtime import cpu_compat
     from mst_megatron.runtime.quiet import import_megatron_quietly
-    from mst_megatron.tools.memory import _StepMemTracker
-    from mst_megatron.training import model_config, pretrain
 
     import_megatron_quietly()
     cpu_compat.install()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=a.world_size)
     try:
@@ -268,57 +318,16 @@ def simulate_rank(a, shape, rank: int) -> Dict:
             create_gloo_process_groups=False,
         )
         tensor_parallel.model_parallel_cuda_manual_seed(a.seed)
-        shape_s = shape.replace(max_position_embeddings=a.max_position_embeddings)
-        vocab = model_config.padded_vocab_size(shape.vocab_size, a.make_vocab_size_divisible_by,
-                                               a.tensor_model_parallel_size)
-        config = pretrain._transformer_config(a, shape_s)
-        config.perform_initialization = False
-        mst = None if a.no_mst else dict(mlp_mini_sequences=a.mlp_mini_sequences,
-                                         lm_head_mini_sequences=a.lm_head_mini_sequences)
-        with _simulation_bridges(), FakeTensorMode(allow_non_fake_inputs=True):
-            model = pretrain.build_model(config, shape_s, vocab, mst, a.use_distributed_optimizer,
-                                         check_for_nan_in_grad=False)
-            optimizer, _ = pretrain.build_optimizer(a, model)
-            opt_tensors = _adam_state(optimizer)
-            seen = set()
-            weights = _new_bytes((p for chunk in model for p in chunk.parameters()), seen)
-            grads = _new_bytes((buf.grad_data for chunk in model for buf in chunk.buffers), seen)
-            opt_bytes = _new_bytes(opt_tensors, seen)  # fp32 master weights (bf16) and Adam's moments
-            other = _new_bytes((buf.param_data for chunk in model for buf in chunk.buffers), seen)
-            static = weights + grads + opt_bytes + other
-            forward_backward = get_forward_backward_func()
-            iterators = [_batches(a, vocab) for _ in model]
-            tracker, flops = _StepMemTracker(), _PhaseFlops()
-            for chunk in model:
-                chunk.zero_grad_buffer()
-            with tracker, flops:
-                forward_backward(forward_step_func=pretrain.forward_step, data_iterator=iterators, model=model,
-                                 num_microbatches=a.num_microbatches, seq_length=a.seq_length,
-                                 micro_batch_size=a.micro_batch_size, forward_only=False)
-            snapshot = tracker.get_tracker_snapshot("peak")
+        report = step_report(a, shape, fake=True)
     finally:
         ps.destroy_model_parallel()
         dist.destroy_process_group()
-    step = {}
-    for dev_snap in snapshot.values():
-        for k, v in dev_snap.items():
-            name = "total" if k == "Total" else getattr(k, "name", str(k))
-            step[name] = step.get(name, 0) + int(v)
-    return dict(
-        rank=rank,
-        pipeline_stage=rank // (a.world_size // a.pipeline_model_parallel_size),
-        memory=dict(weights=weights, grads=grads, optimizer=opt_bytes, other_static=other,
-                    activations=step.get("ACT", 0), temporaries=step.get("TEMP", 0) + step.get("GRAD", 0)
-                    + step.get("OTH", 0) + step.get("PARAM", 0) + step.get("BUFFER", 0) + step.get("OPT", 0),
-                    step_peak=step.get("total", 0), peak=static + step.get("total", 0)),
-        flops=dict(forward=flops.phase["forward"], backward_and_recompute=flops.phase["backward"],
-                   total=flops.get_total_flops()),
-    )
+    return dict(rank=rank, pipeline_stage=rank // (a.world_size // a.pipeline_model_parallel_size), **report)
 
 
 def simulate(args, shape, seq_length: int) -> Dict:
     """Every pipeline stage's rank 0 at ``seq_length``; the busiest (highest peak) first."""
-    a = _checked(args, shape, seq_length)
+    a = checked_args(args, shape, seq_length)
     t0 = time.time()
     ranks = [simulate_rank(a, shape, _rank_of_stage(a, s)) for s in range(a.pipeline_model_parallel_size)]
     ranks.sort(key=lambda r: -r["memory"]["peak"])
