@@ -40,6 +40,7 @@ The busiest rank: every pipeline stage is simulated (the first holds the most ac
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -348,7 +349,7 @@ def longest_fitting(args, shape) -> Dict:
     """``--seq-length auto``: doubling from ``--seq-step`` then bisection, in multiples of the step
     (and of what the layout needs, 2 x CP x TP); the last fitting result, or None if none fits."""
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    unit = args.seq_step * 2 * cp * tp // _gcd(args.seq_step, 2 * cp * tp)
+    unit = math.lcm(args.seq_step, 2 * cp * tp)
     best, tried = None, []
     n = 1
     while True:
@@ -367,12 +368,6 @@ def longest_fitting(args, shape) -> Dict:
         else:
             hi = mid
     return dict(best=best, tried=tried)
-
-
-def _gcd(x: int, y: int) -> int:
-    import math
-
-    return math.gcd(x, y)
 
 
 def _print(report: Dict) -> None:
