@@ -357,3 +357,20 @@ def _sp_body(num_chunks_list, threads):
 @pytest.mark.parametrize("threads", [1, 4])
 def test_sequence_parallel_two_ranks(threads):
     run_on_ranks(_sp_body, 2, [1, 4, SP_T_LOCAL], threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_tensors_shapes_without_host_reads(dtype):
+    """Under FakeTensorMode (the simulator) forward and backward run with no data-dependent host read
+    (a real one raises DataDependentOutputException there) and give gradients of the inputs' shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        hidden = torch.empty(37, 16, dtype=dtype, requires_grad=True)
+        weight = torch.empty(96, 16, dtype=dtype, requires_grad=True)
+        labels = torch.zeros(37, dtype=torch.long)
+        loss = linear_cross_entropy(hidden, weight, labels, 4)
+        loss.mean().backward()
+        assert loss.shape == (37,) and loss.dtype == torch.float32
+        assert hidden.grad.shape == hidden.shape and hidden.grad.dtype == dtype
+        assert weight.grad.shape == weight.shape and weight.grad.dtype == dtype

@@ -66,8 +66,12 @@ def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: 
     )
 
 
-def build_model(config, shape, vocab_size: int, mst: Optional[dict], use_distributed_optimizer: bool) -> List:
-    """This rank's model chunks (several under virtual pipelining), in megatron-core DDP."""
+def build_model(config, shape, vocab_size: int, mst: Optional[dict], use_distributed_optimizer: bool,
+                check_for_nan_in_grad: bool = True) -> List:
+    """This rank's model chunks (several under virtual pipelining), in megatron-core DDP.
+
+    ``check_for_nan_in_grad`` reads each gradient bucket's norm on the host (off in the simulator,
+    whose fake tensors have no values)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
@@ -77,7 +81,7 @@ def build_model(config, shape, vocab_size: int, mst: Optional[dict], use_distrib
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=config.bf16,
         use_distributed_optimizer=use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=check_for_nan_in_grad,
     )
     chunks = []
     for i, stage in enumerate(stages):

@@ -1,0 +1,409 @@
+"""Full-scale simulation of one training step: per-GPU peak memory by category and the step's FLOPs,
+from the real model code, without computing anything.
+
+    python -m mst_megatron.simulate --model-config llama3-8b --bf16 --seq-length 65536 \\
+        --world-size 8 --tensor-model-parallel-size 8 --sequence-parallel \\
+        --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 --gpu-memory-gib 80
+    python -m mst_megatron.simulate ... --seq-length auto      # the longest sequence that fits
+
+The pretraining example's own pieces run, with its flags (:mod:`mst_megatron.training.arguments`):
+megatron-core's model (stock or MST), ``DistributedDataParallel``, ``get_megatron_optimizer`` and
+the pipeline schedule of ``get_forward_backward_func``, inside torch's ``FakeTensorMode`` (tensors
+with shapes and dtypes, no data) on torch's ``fake`` process group (one process plays any rank of
+any layout; collectives return the right shapes). ``MemTracker`` records the peak of every tensor
+storage, ``FlopCounterMode`` the matrix FLOPs.
+
+What is simulated, and what is not:
+
+* One steady-state step: Adam's state (two fp32 moments per parameter, the fp32 master weights under
+  ``--bf16``) exists before it, as at every step after the first; the step runs the micro-batches
+  through megatron's schedule (forward, recompute, backward). The optimizer's update itself is not
+  run (its ``step()`` reads the gradient norm and the ``found_inf`` flag on the host): it adds
+  element-wise temporaries only.
+* The device is a fake **CPU** device under the CPU compatibility layer: backward on fake CUDA
+  tensors needs a CUDA device guard, which neither a CPU-only nor a GPU-less CUDA build of torch has
+  (``PyTorch is not linked with support for cuda devices`` / ``hasPrimaryContext expects a valid
+  device index``). The model takes its CPU paths there: SDPA's flash kernel (saves the output and
+  log-sum-exp, as CUDA's), the LM head's vocab blocks (views, no extra memory).
+* No gloo groups (the optimizer's gloo data-parallel group is the fake one); megatron's RNG tracker's ``fork()`` (which compares host RNG states) is a no-op, parameters are
+  not initialized, and ``nn.Module._apply`` (dtype casts, e.g. ``Float16Module``) sets
+  ``param.data`` instead of swapping tensors (torch refuses to swap fake tensors).
+* Memory the dispatcher does not see (allocator rounding and fragmentation, kernel workspaces,
+  communication buffers, the CUDA context) is not counted: leave a margin (``--reserve``).
+* Under fake tensors the LM head assumes a mean loss (see
+  :func:`mst_megatron.ops.linear_cross_entropy.linear_cross_entropy`).
+
+The busiest rank: every pipeline stage is simulated (the first holds the most activations under
+1F1B, the last the LM head) and the one with the highest peak is reported.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mst_megatron.training import SetupError
+
+GIB = 1024**3
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The pretraining example's flags plus the simulator's own."""
+    from mst_megatron.training import arguments
+
+    p = arguments.build_parser()
+    p.description = "Simulate one training step at full scale under fake tensors (see mst_megatron/simulate.py)."
+    for action in p._actions:
+        if action.dest == "seq_length":
+            action.type, action.default = _seq_length_arg, 4096
+        if action.dest == "global_batch_size":
+            action.default = None
+        if action.dest == "micro_batch_size":
+            action.default = 1
+    g = p.add_argument_group("simulation")
+    g.add_argument("--world-size", type=int, default=1, help="GPUs in the job (DP = world / (TP x PP x CP))")
+    g.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    g.add_argument("--reserve", type=float, default=0.05,
+                   help="share of the GPU kept free for what the simulation does not see (allocator, comms)")
+    g.add_argument("--seq-step", type=int, default=1024, help="--seq-length auto: the search's granularity")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="the vocabulary (before padding) for a model config whose vocab_size is null")
+    g.add_argument("--json", default=None, help="write the report here as JSON")
+    return p
+
+
+def _seq_length_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'auto', got {text!r}") from None
+    return value
+
+
+def parse(argv: Optional[List[str]] = None):
+    """Parsed and checked flags (the pretraining checks, with the simulator's world size), and the shape."""
+    from mst_megatron.training import arguments, model_config
+
+    args = build_parser().parse_args(argv)
+    if args.world_size < 1:
+        raise SetupError(f"--world-size must be >= 1, got {args.world_size}")
+    if not 0 <= args.reserve < 1:
+        raise SetupError(f"--reserve must be in [0, 1), got {args.reserve}")
+    if args.seq_length == "auto" and args.seq_step < 1:
+        raise SetupError(f"--seq-step must be >= 1, got {args.seq_step}")
+    shape = model_config.load_model_shape(args.model_config, CONFIGS_DIR).replace(**arguments.shape_overrides(args))
+    if args.vocab_size is not None:
+        shape = shape.replace(vocab_size=args.vocab_size)
+    if shape.vocab_size is None:
+        raise SetupError(f"--model-config {args.model_config} has vocab_size null (the tokenizer's): give --vocab-size")
+    return args, shape
+
+
+def checked_args(args, shape, seq_length: int):
+    """A copy of ``args`` at ``seq_length``, through the pretraining example's own checks."""
+    from mst_megatron.training import arguments
+
+    a = argparse.Namespace(**vars(args))
+    a.seq_length = seq_length
+    a.data_path, a.tokenizer_model = ["simulated"], "simulated"  # no data is read
+    dp = args.world_size // max(1, a.tensor_model_parallel_size * a.pipeline_model_parallel_size
+                                * a.context_parallel_size)
+    if a.global_batch_size is None:
+        a.global_batch_size = a.micro_batch_size * max(dp, 1) * a.pipeline_model_parallel_size
+    previous = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(args.world_size)
+    try:
+        arguments.check_args(a)
+    finally:
+        if previous is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = previous
+    a.max_position_embeddings = max(shape.max_position_embeddings, seq_length)
+    arguments.check_shape(a, shape.replace(max_position_embeddings=a.max_position_embeddings))
+    return a
+
+
+def _module_apply(self, fn, recurse=True):
+    """``nn.Module._apply`` for fake tensors: casts by ``param.data = ...`` (torch's swap path refuses
+    fake tensors, which carry weak references)."""
+    if recurse:
+        for child in self.children():
+            child._apply(fn)
+    with torch.no_grad():
+        for param in self._parameters.values():
+            if param is None:
+                continue
+            applied = fn(param)
+            if applied is not param:
+                param.data = applied
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[key] = fn(buf)
+    return self
+
+
+@contextlib.contextmanager
+def _simulation_bridges():
+    """The bridges named in the module docstring, undone on exit."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import random as tp_random
+
+    saved = (torch.nn.Module._apply, tp_random.CudaRNGStatesTracker.fork, ps.get_data_parallel_group_gloo,
+             ps.get_expert_data_parallel_group_gloo, dist.all_gather_object)
+    torch.nn.Module._apply = _module_apply
+    tp_random.CudaRNGStatesTracker.fork = lambda self, *a, **k: contextlib.nullcontext()
+    # No gloo groups on the fake backend: the optimizer gets the (fake) data-parallel group instead
+    # (megatron uses the gloo one only to gather a distributed optimizer's state for checkpoints).
+    ps.get_data_parallel_group_gloo = lambda with_context_parallel=False, partial_data_parallel=False: \
+        ps.get_data_parallel_group(with_context_parallel=with_context_parallel,
+                                   partial_data_parallel=partial_data_parallel)
+    ps.get_expert_data_parallel_group_gloo = lambda **kwargs: ps.get_expert_data_parallel_group(**kwargs)
+    # Pickled objects cannot travel through fake tensors: every rank is taken to hold this rank's
+    # object (megatron gathers the optimizer's parameter-group keys, the same on every rank).
+    dist.all_gather_object = lambda out, obj, group=None: out.__setitem__(slice(None), [obj] * len(out))
+    try:
+        yield
+    finally:
+        (torch.nn.Module._apply, tp_random.CudaRNGStatesTracker.fork, ps.get_data_parallel_group_gloo,
+         ps.get_expert_data_parallel_group_gloo, dist.all_gather_object) = saved
+
+
+def _rank_of_stage(a, stage: int) -> int:
+    """Global rank 0 of pipeline stage ``stage`` (megatron's default order tp-cp-dp-pp)."""
+    return stage * (a.world_size // a.pipeline_model_parallel_size)
+
+
+def _new_bytes(tensors, seen: set) -> int:
+    """Bytes of the storages of ``tensors`` not yet in ``seen`` (which they are added to)."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total
+
+
+def _adam_state(optimizer) -> List[torch.Tensor]:
+    """Create Adam's state as ``torch.optim.Adam`` does on its first step (``step``, ``exp_avg``,
+    ``exp_avg_sq`` per parameter); return the master parameters and state tensors."""
+    held = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                held += [p, state["exp_avg"], state["exp_avg_sq"]]
+    return held
+
+
+def _batches(a, vocab: int):
+    """Fake micro-batches in the layout of :mod:`mst_megatron.training.data`."""
+    shape = (a.micro_batch_size, a.seq_length)
+    while True:
+        yield dict(
+            tokens=torch.zeros(shape, dtype=torch.long),
+            labels=torch.zeros(shape, dtype=torch.long),
+            loss_mask=torch.ones(shape, dtype=torch.float32),
+            position_ids=torch.arange(a.seq_length).unsqueeze(0).expand(shape).contiguous(),
+        )
+
+
+class _PhaseFlops(FlopCounterMode):
+    """``FlopCounterMode`` that splits the count between forward (outside autograd's backward) and
+    backward (inside it: gradient products and recomputed forward products)."""
+
+    def __init__(self):
+        super().__init__(display=False)
+        self.phase = {"forward": 0, "backward": 0}
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        before = self.flop_counts["Global"].get(func_packet, 0)
+        out = super()._count_flops(func_packet, out, args, kwargs)
+        added = self.flop_counts["Global"].get(func_packet, 0) - before
+        self.phase["backward" if torch._C._current_graph_task_id() != -1 else "forward"] += added
+        return out
+
+
+def step_report(a, shape, fake: bool = True) -> Dict:
+    """Build this rank's model, DDP and optimizer (with Adam's state) and run one step's micro-batches
+    through megatron's schedule, under ``FakeTensorMode`` when ``fake`` (the real tensors otherwise:
+    the simulator's check); the parallel state must be up. Returns its memory and FLOPs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mst_megatron.tools.memory import _StepMemTracker
+    from mst_megatron.training import model_config, pretrain
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    shape_s = shape.replace(max_position_embeddings=a.max_position_embeddings)
+    vocab = model_config.padded_vocab_size(shape.vocab_size, a.make_vocab_size_divisible_by,
+                                           a.tensor_model_parallel_size)
+    config = pretrain._transformer_config(a, shape_s)
+    config.perform_initialization = False
+    mst = None if a.no_mst else dict(mlp_mini_sequences=a.mlp_mini_sequences,
+                                     lm_head_mini_sequences=a.lm_head_mini_sequences)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with _simulation_bridges(), mode:
+        model = pretrain.build_model(config, shape_s, vocab, mst, a.use_distributed_optimizer,
+                                     check_for_nan_in_grad=False)
+        optimizer, _ = pretrain.build_optimizer(a, model)
+        opt_tensors = _adam_state(optimizer)
+        seen = set()
+        weights = _new_bytes((p for chunk in model for p in chunk.parameters()), seen)
+        grads = _new_bytes((buf.grad_data for chunk in model for buf in chunk.buffers), seen)
+        opt_bytes = _new_bytes(opt_tensors, seen)  # fp32 master weights (bf16) and Adam's moments
+        other = _new_bytes((buf.param_data for chunk in model for buf in chunk.buffers), seen)
+        static = weights + grads + opt_bytes + other
+        forward_backward = get_forward_backward_func()
+        iterators = [_batches(a, vocab) for _ in model]
+        tracker, flops = _StepMemTracker(), _PhaseFlops()
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        with tracker, flops:
+            forward_backward(forward_step_func=pretrain.forward_step, data_iterator=iterators, model=model,
+                             num_microbatches=a.num_microbatches, seq_length=a.seq_length,
+                             micro_batch_size=a.micro_batch_size, forward_only=False)
+        snapshot = tracker.get_tracker_snapshot("peak")
+    step = {}
+    for dev_snap in snapshot.values():
+        for k, v in dev_snap.items():
+            name = "total" if k == "Total" else getattr(k, "name", str(k))
+            step[name] = step.get(name, 0) + int(v)
+    return dict(
+        memory=dict(weights=weights, grads=grads, optimizer=opt_bytes, other_static=other,
+                    activations=step.get("ACT", 0),
+                    temporaries=step.get("total", 0) - step.get("ACT", 0),
+                    step_peak=step.get("total", 0), peak=static + step.get("total", 0)),
+        flops=dict(forward=flops.phase["forward"], backward_and_recompute=flops.phase["backward"],
+                   total=flops.get_total_flops()),
+    )
+
+
+def simulate_rank(a, shape, rank: int) -> Dict:
+    """One step of ``rank`` in ``a``'s layout (``a`` from :func:`checked_args`) on the fake process group."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from mst_megatron.runtime import cpu_compat
+    from mst_megatron.runtime.quiet import import_megatron_quietly
+
+    import_megatron_quietly()
+    cpu_compat.install()
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=a.world_size)
+    try:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=a.tensor_model_parallel_size,
+            pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=a.virtual_pipeline_model_parallel_size,
+            context_parallel_size=a.context_parallel_size,
+            create_gloo_process_groups=False,
+        )
+        tensor_parallel.model_parallel_cuda_manual_seed(a.seed)
+        report = step_report(a, shape, fake=True)
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+    return dict(rank=rank, pipeline_stage=rank // (a.world_size // a.pipeline_model_parallel_size), **report)
+
+
+def simulate(args, shape, seq_length: int) -> Dict:
+    """Every pipeline stage's rank 0 at ``seq_length``; the busiest (highest peak) first."""
+    a = checked_args(args, shape, seq_length)
+    t0 = time.time()
+    ranks = [simulate_rank(a, shape, _rank_of_stage(a, s)) for s in range(a.pipeline_model_parallel_size)]
+    ranks.sort(key=lambda r: -r["memory"]["peak"])
+    budget = args.gpu_memory_gib * GIB * (1 - args.reserve)
+    return dict(seq_length=seq_length, busiest=ranks[0], ranks=ranks, fits=ranks[0]["memory"]["peak"] <= budget,
+                budget_bytes=int(budget), seconds=time.time() - t0, layout=_layout(a))
+
+
+def _layout(a) -> Dict:
+    return dict(world_size=a.world_size, tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
+                vpp=a.virtual_pipeline_model_parallel_size, cp=a.context_parallel_size, dp=a.data_parallel_size,
+                sp=a.sequence_parallel, micro_batch_size=a.micro_batch_size, num_microbatches=a.num_microbatches,
+                recompute=a.recompute_granularity, mst=not a.no_mst, bf16=a.bf16,
+                distributed_optimizer=a.use_distributed_optimizer)
+
+
+def longest_fitting(args, shape) -> Dict:
+    """``--seq-length auto``: doubling from ``--seq-step`` then bisection, in multiples of the step
+    (and of what the layout needs, 2 x CP x TP); the last fitting result, or None if none fits."""
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    unit = math.lcm(args.seq_step, 2 * cp * tp)
+    best, tried = None, []
+    n = 1
+    while True:
+        r = simulate(args, shape, n * unit)
+        tried.append((n * unit, r["busiest"]["memory"]["peak"]))
+        if not r["fits"]:
+            break
+        best, n = r, n * 2
+    lo, hi = n // 2, n  # lo fits (or 0), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        r = simulate(args, shape, mid * unit)
+        tried.append((mid * unit, r["busiest"]["memory"]["peak"]))
+        if r["fits"]:
+            best, lo = r, mid
+        else:
+            hi = mid
+    return dict(best=best, tried=tried)
+
+
+def _print(report: Dict) -> None:
+    b, m = report["busiest"], report["busiest"]["memory"]
+    print(f"S={report['seq_length']} layout {report['layout']}")
+    print(f"busiest rank {b['rank']} (pipeline stage {b['pipeline_stage']}): peak {m['peak'] / GIB:.2f} GiB "
+          f"of a {report['budget_bytes'] / GIB:.2f} GiB budget -> {'fits' if report['fits'] else 'does NOT fit'}")
+    for k in ("weights", "grads", "optimizer", "other_static", "activations", "temporaries"):
+        print(f"  {k:13s} {m[k] / GIB:9.2f} GiB")
+    f = b["flops"]
+    print(f"  FLOPs: forward {f['forward'] / 1e12:.4g} T, backward + recompute {f['backward_and_recompute'] / 1e12:.4g} T,"
+          f" total {f['total'] / 1e12:.4g} T  ({report['seconds']:.1f} s simulated)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args, shape = parse(argv)
+        if args.seq_length == "auto":
+            found = longest_fitting(args, shape)
+            report = found["best"]
+            for s, peak in found["tried"]:
+                print(f"  tried S={s}: peak {peak / GIB:.2f} GiB")
+            if report is None:
+                print("no sequence length fits")
+                return 1
+        else:
+            report = simulate(args, shape, args.seq_length)
+    except SetupError as e:
+        print(f"simulate: error: {e}", file=sys.stderr)
+        return 2
+    _print(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
