@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = "Simulate one training step at full scale under fake tensors (see mst_megatron/simulate.py)."
     for action in p._actions:
         if action.dest == "seq_length":
-            action.type, action.default = _seq_length_arg, 4096
+            action.type, action.default = arguments.int_or_auto_arg, 4096
         if action.dest == "global_batch_size":
             action.default = None
         if action.dest == "micro_batch_size":
@@ -78,16 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the vocabulary (before padding) for a model config whose vocab_size is null")
     g.add_argument("--json", default=None, help="write the report here as JSON")
     return p
-
-
-def _seq_length_arg(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'auto', got {text!r}") from None
-    return value
 
 
 def parse(argv: Optional[List[str]] = None):

@@ -216,7 +216,7 @@ def describe(shape, name: str, layouts: List[Layout], nodes: int, gpus_per_node:
 def build_parser():
     import argparse
 
-    from mst_megatron.training.arguments import chunk_count_arg  # the training flags' parser
+    from mst_megatron.training.arguments import int_or_auto_arg  # the training flags' parser
 
     p = argparse.ArgumentParser(
         description="Suggest a TP/PP/CP/SP layout with MST counts and the per-GPU memory it expects "
@@ -232,8 +232,8 @@ def build_parser():
     p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="pin TP (default: search)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=None, help="pin PP (default: search)")
     p.add_argument("--context-parallel-size", type=int, default=None, help="pin CP (default: search)")
-    p.add_argument("--mlp-mini-sequences", type=chunk_count_arg, default=AUTO)
-    p.add_argument("--lm-head-mini-sequences", type=chunk_count_arg, default=AUTO)
+    p.add_argument("--mlp-mini-sequences", type=int_or_auto_arg, default=AUTO)
+    p.add_argument("--lm-head-mini-sequences", type=int_or_auto_arg, default=AUTO)
     p.add_argument("--no-distributed-optimizer", action="store_true", help="replicated Adam states")
     return p
 

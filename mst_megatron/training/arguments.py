@@ -18,15 +18,15 @@ _SHAPE_OVERRIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attenti
 def add_mst_flags(parser: argparse.ArgumentParser):
     """The MST chunk-count flags, in their own argument group (returned)."""
     g = parser.add_argument_group("mini-sequence transformers")
-    g.add_argument("--mlp-mini-sequences", type=chunk_count_arg, default="auto",
+    g.add_argument("--mlp-mini-sequences", type=int_or_auto_arg, default="auto",
                    help="MLP chunks per sequence: an int or 'auto'")
-    g.add_argument("--lm-head-mini-sequences", type=chunk_count_arg, default="auto",
+    g.add_argument("--lm-head-mini-sequences", type=int_or_auto_arg, default="auto",
                    help="LM-head + cross-entropy chunks per sequence: an int or 'auto'")
     return g
 
 
-def chunk_count_arg(text: str):
-    """argparse type of the MST chunk-count flags: an int >= 1 or "auto"."""
+def int_or_auto_arg(text: str):
+    """argparse type of the MST chunk-count flags (and the simulator's --seq-length): an int >= 1 or "auto"."""
     if text == "auto":
         return text
     try:
