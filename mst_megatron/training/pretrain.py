@@ -506,6 +506,9 @@ def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) ->
     # torch deprecations triggered inside megatron-core's checkpoint reader: nothing to act on here.
     warnings.filterwarnings("ignore", category=FutureWarning,
                             module=r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing)")
+    # The checks read checkpoint metadata before torch.distributed starts, on purpose.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                            category=UserWarning)
     # Megatron-LM's setting for TP communication ordering on GPU (megatron warns without it).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:
