@@ -11,7 +11,7 @@ Adam's state exists before the measured step, as in any step but the first).
 
 Layouts (tensor x context parallel, one gloo rank per GPU stand-in): 1, CP=2, CP=4, TP=2 and TP=2 x
 CP=2 (TP always with sequence parallelism). Each rank measures its own step with
-:func:`mst_megatron.tools.memory.measure_peak` (MemTracker); the table shows the largest rank.
+:func:`mst_megatron.measure.memory.measure_peak` (MemTracker); the table shows the largest rank.
 
 * ``peak``: the whole per-rank peak (weights, DDP gradient buffers, Adam state, activations).
 * ``fixed`` and ``act``: the peak is linear in S here (flash attention, chunked MLP and head), so the
@@ -49,7 +49,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import machine  # noqa: E402
-from mst_megatron.tools.memory import measure_peak  # noqa: E402
+from mst_megatron.measure.memory import measure_peak  # noqa: E402
 from tests.multirank import run_on_ranks  # noqa: E402
 
 SHAPE = dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8, num_query_groups=4)

@@ -4,7 +4,7 @@ The GPU counterpart of ``bench_lm_head.py``, ``bench_mlp.py`` and ``bench_model_
 process with the baseline and MST side by side. Each case builds its variants with the same weights
 and inputs and, per variant:
 
-* memory: one step under :func:`mst_megatron.tools.memory.measure_cuda_peak`
+* memory: one step under :func:`mst_megatron.measure.memory.measure_cuda_peak`
   (``torch.cuda.max_memory_allocated``): the peak above what was allocated before the step, and
   ``above floor``, that peak less what the step leaves allocated (its gradients), i.e. the transient
   memory a long sequence runs out of;
@@ -52,7 +52,7 @@ from bench_common import start_one_rank  # noqa: E402
 from bench_lm_head import build_head, interleaved_times, mst_step, stock_step, wall_seconds  # noqa: E402
 from bench_mlp import QUICK_SHAPE, SHAPE, make_config, variants  # noqa: E402
 from bench_model_step import build as build_model  # noqa: E402
-from mst_megatron.tools.memory import format_bytes, measure_cuda_peak  # noqa: E402
+from mst_megatron.measure.memory import format_bytes, measure_cuda_peak  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8)
 VOCAB = 128256
@@ -277,7 +277,7 @@ def reach(args, device, layers: int, save: Callable[[List[Dict]], None], dtype=t
     return rows
 
 
-def plan(args, device) -> List[Callable[[], Case]]:
+def build_cases(args, device) -> List[Callable[[], Case]]:
     """The cases to run, most important first (each is built only when its turn comes), as
     ``(part, builder)`` pairs."""
     if args.quick:
@@ -357,7 +357,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.reach:
         reach(args, device, args.reach, save)
     out_of_memory: set = set()
-    cases = [] if args.reach else [(p, b) for p, b in plan(args, device) if not args.parts or p in args.parts]
+    cases = [] if args.reach else [(p, b) for p, b in build_cases(args, device) if not args.parts or p in args.parts]
     for i, (_, build) in enumerate(cases):
         if time.perf_counter() - started > args.time_budget:
             report["not_run"].append(i)

@@ -7,7 +7,7 @@ with labels transposed to ``[s, b]``). MST is the same layer object promoted to
 a time, its gradients formed in forward (stock's 3 GEMMs of ``T x h x V``; the mean loss here leaves
 nothing to recompute in backward).
 
-Peak memory comes from :func:`mst_megatron.tools.memory.measure_peak` (``MemTracker``; the CPU
+Peak memory comes from :func:`mst_megatron.measure.memory.measure_peak` (``MemTracker``; the CPU
 allocator's figure is reported too). The *floor* is what any implementation must hold: the head
 weight and its gradient, the hidden state and its gradient. Times are medians of interleaved runs
 after warm-up. A case whose estimated peak does not fit in the memory available now (with a margin)
@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_common import start_one_rank  # noqa: E402
-from mst_megatron.tools.memory import format_bytes, measure_peak  # noqa: E402
+from mst_megatron.measure.memory import format_bytes, measure_peak  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_lm_head.json")
 

@@ -14,7 +14,7 @@ Two measurements per sequence length S (b=1, fp32 by default, single process):
   mini-sequence ("mst-M1": SDPA attention, unchunked MLP) and the MST spec ("mst"). mst vs mst-M1
   isolates the MLP chunking; mst vs stock is the whole spec.
 
-Peak bytes come from :func:`mst_megatron.tools.memory.measure_peak`: the breakdown by category at the
+Peak bytes come from :func:`mst_megatron.measure.memory.measure_peak`: the breakdown by category at the
 peak, plus the allocator's own figure ("alloc": its highest net allocation above the start of the
 step, so without the weights and inputs that existed before) as a cross-check. The floor is what any
 implementation must hold: weights, their gradients, the input, the upstream gradient, the output and
@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mst_megatron  # noqa: E402
 from bench_common import machine, start_one_rank  # noqa: E402
-from mst_megatron.tools.memory import format_bytes, measure_peak  # noqa: E402
+from mst_megatron.measure.memory import format_bytes, measure_peak  # noqa: E402
 
 SHAPE = dict(hidden_size=1024, ffn_hidden_size=3584, num_attention_heads=8, num_query_groups=2)
 QUICK_SHAPE = dict(hidden_size=128, ffn_hidden_size=448, num_attention_heads=8, num_query_groups=2)
@@ -112,7 +112,7 @@ def variants(part, shape, dtype, mst_m, seq):
     if part == "mlp":
         config = make_config(shape, dtype)
         modules = {"stock": build_mlp(config, None), "mst": build_mlp(config, mst_m)}
-        count = modules["mst"].num_mini_sequences(seq)
+        count = modules["mst"].num_chunks(seq)
         if mcore_chunks:
             modules["mcore-chunks"] = build_mlp_layer(make_config(shape, dtype, mlp_chunks_for_training=count))
     else:
@@ -120,7 +120,7 @@ def variants(part, shape, dtype, mst_m, seq):
         config = make_config(shape, dtype, **recompute)
         modules = {"stock": build_layer(config, None), "mst-M1": build_layer(config, 1),
                    "mst": build_layer(config, mst_m)}
-        count = modules["mst"].layers[0].mlp.num_mini_sequences(seq)
+        count = modules["mst"].layers[0].mlp.num_chunks(seq)
         if mcore_chunks:
             chunked = make_config(shape, dtype, mlp_chunks_for_training=count, **recompute)
             modules["mcore-chunks"] = build_layer(chunked, 1)

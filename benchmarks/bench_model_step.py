@@ -13,7 +13,7 @@ stock megatron-core offers without Transformer Engine:
 
 The step is ``model(tokens, positions, None, labels=labels).mean().backward()``. The floor is what any
 implementation holds: parameters and their gradients. Peaks come from ``MemTracker`` (via
-:func:`mst_megatron.tools.memory.measure_peak`, the allocator's figure alongside); the variants are
+:func:`mst_megatron.measure.memory.measure_peak`, the allocator's figure alongside); the variants are
 built and measured one after the other, so only one model is alive at a time. Times: the median of
 ``--repeats`` steps after the memory-tracked one.
 
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_common import start_one_rank  # noqa: E402
 from bench_lm_head import floor_bytes, load_average, measure_memory, print_table  # noqa: E402
 from bench_mlp import SHAPE, make_config  # noqa: E402
-from mst_megatron.tools.memory import format_bytes  # noqa: E402
+from mst_megatron.measure.memory import format_bytes  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_model_step.json")
 CATEGORIES = ("PARAM", "GRAD", "ACT", "TEMP", "OTH")

@@ -1,7 +1,7 @@
 """FLOPs of one whole-model training step under megatron's full recompute: stock+SDPA against MST.
 
 Counted, not timed: the models are built and stepped under ``FakeTensorMode`` (tensors with shapes and
-no data), and :func:`mst_megatron.tools.flops.count_flops` (torch's ``FlopCounterMode``, CPU flash
+no data), and :func:`mst_megatron.measure.flops.count_flops` (torch's ``FlopCounterMode``, CPU flash
 attention included) adds up every matrix product and attention kernel the step runs. So the default,
 Llama-3-8B's shape (h 4096, ffn 14336, 32 heads, 8 KV groups, vocab 128256) with 4 layers at
 S = 32768, takes seconds on a CPU.
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mst_megatron.tools.flops import ATTENTION_COUNTS, count_flops  # noqa: E402
+from mst_megatron.measure.flops import ATTENTION_COUNTS, count_flops  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8)
 QUICK = dict(hidden_size=128, ffn_hidden_size=448, num_attention_heads=8, num_query_groups=2)

@@ -238,7 +238,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
     the simulator's check); the parallel state must be up. Returns its memory and FLOPs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mst_megatron.tools.memory import _StepMemTracker
+    from mst_megatron.measure.memory import _StepMemTracker
     from mst_megatron.training import model_config, pretrain
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mst_megatron
-from mst_megatron.tools.memory import measure_peak
+from mst_megatron.measure.memory import measure_peak
 from tests.models import tiny_config
 
 

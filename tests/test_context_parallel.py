@@ -53,7 +53,7 @@ def _record_chunk_counts(model):
     """Every chunk count the model's MLPs and LM head compute, in call order."""
     counts = {"mlp": [], "head": []}
     for module in model.modules():
-        name = {"MiniSequenceMLP": ("mlp", "num_mini_sequences"), "MiniSequenceLMHead": ("head", "num_chunks")}
+        name = {"MiniSequenceMLP": ("mlp", "num_chunks"), "MiniSequenceLMHead": ("head", "num_chunks")}
         kind, method = name.get(type(module).__name__, (None, None))
         if kind is None:
             continue

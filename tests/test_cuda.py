@@ -2,14 +2,14 @@
 gradient, and the memory targets measured with the caching allocator's own counters.
 
 Skipped without CUDA: CI is CPU-only, and the CPU suite covers every path (TP, SP, PP, CP on gloo
-ranks). ``tools/run_cuda_checks.sh`` runs this file on a GPU machine; its results are committed under
+ranks). ``scripts/run_cuda_checks.sh`` runs this file on a GPU machine; its results are committed under
 ``benchmarks/results/`` with the card's name.
 """
 
 import pytest
 import torch
 
-from mst_megatron.tools.memory import measure_cuda_peak
+from mst_megatron.measure.memory import measure_cuda_peak
 from tests.models import mst_full_gpt, stock_gpt, tiny_config
 from tests.training import assert_bf16_grads_as_close_as_stock, grad_error, grads_by_name
 

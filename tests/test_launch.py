@@ -16,9 +16,9 @@ from tests.multirank import free_port
 from tests.pretraining import MODEL, SCRIPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(ROOT, "launch", "torchrun_multinode.sh")
-SLURM_DIR = os.path.join(ROOT, "launch", "slurm")
-MANIFEST = os.path.join(ROOT, "launch", "k8s", "llama3-8b-1m-pytorchjob.yaml")
+LAUNCHER = os.path.join(ROOT, "cluster", "torchrun_multinode.sh")
+SLURM_DIR = os.path.join(ROOT, "cluster", "slurm")
+MANIFEST = os.path.join(ROOT, "cluster", "k8s", "llama3-8b-1m-pytorchjob.yaml")
 STEP = re.compile(r"^iter\s+(\d+)/3 \| loss ([0-9.]+)", re.M)
 
 
@@ -140,7 +140,7 @@ def test_slurm_batch_files_dry_run(tmp_path, batch_file, nodes, nodelist, layout
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     assert lines["srun command"] == (f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "
-                                     f"{ROOT}/launch/train_llama3_8b_long.sh --scheduler slurm")
+                                     f"{ROOT}/cluster/train_llama3_8b_long.sh --scheduler slurm")
     options, train = _torchrun_args(lines["torchrun command on every node"])
     assert options == {"--nnodes": nodes, "--nproc-per-node": "8", "--rdzv-backend": "c10d",
                        "--rdzv-endpoint": f"{nodelist.replace('[', '').split('-')[0]}:29500",
@@ -203,15 +203,15 @@ def test_kubernetes_manifest():
 
 
 def _documented_invocations():
-    """Every launch command the docs show (README.md, launch/README.md, the launch files' comments),
+    """Every launch command the docs show (README.md, cluster/README.md, the launch files' comments),
     continuation lines joined, once each: (where, environment assignments, words)."""
     found = []
-    for doc in ("README.md", "launch/README.md", *(f"launch/slurm/{f}" for f in sorted(os.listdir(SLURM_DIR))),
-                "launch/torchrun_multinode.sh"):
+    for doc in ("README.md", "cluster/README.md", *(f"cluster/slurm/{f}" for f in sorted(os.listdir(SLURM_DIR))),
+                "cluster/torchrun_multinode.sh"):
         with open(os.path.join(ROOT, doc)) as f:
             text = re.sub(r"\\\n#?\s*", " ", f.read())
         for line in text.splitlines():
-            match = re.search(r"((?:[A-Z_]+=\S+ )*)(?:bash|sbatch) (launch/\S+)(.*)", line.lstrip("# "))
+            match = re.search(r"((?:[A-Z_]+=\S+ )*)(?:bash|sbatch) (cluster/\S+)(.*)", line.lstrip("# "))
             if match:
                 rest = re.sub(r"\[--dry-run\]|\.\.\.|#.*|--dry-run", "", match[3]).split()
                 env = dict(word.split("=", 1) for word in match[1].split())
@@ -222,8 +222,8 @@ def _documented_invocations():
 
 def test_docs_show_launch_commands():
     files = {words[0] for _, _, words in _documented_invocations()}
-    assert {"launch/torchrun_multinode.sh", "launch/slurm/llama3-8b-1m-multinode.sbatch",
-            "launch/slurm/llama3-8b-128k-1node.sbatch"} <= files, files
+    assert {"cluster/torchrun_multinode.sh", "cluster/slurm/llama3-8b-1m-multinode.sbatch",
+            "cluster/slurm/llama3-8b-128k-1node.sbatch"} <= files, files
 
 
 @pytest.mark.parametrize("where", ["first", "last"])

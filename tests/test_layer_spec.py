@@ -408,7 +408,7 @@ def test_mlp_gemm_units_under_recompute(recompute):
     their F or 2F dimension) sum to the units above times L x 2 T h F, every other GEMM is the same
     as stock+SDPA's (MST spec, one mini-sequence), and loss and gradients match megatron's local spec
     with the same dropout masks (dropout is on: the loss differs from the dropout-free one)."""
-    from mst_megatron.tools.flops import GemmLog
+    from mst_megatron.measure.flops import GemmLog
 
     kw = dict(MLP_UNITS[recompute])
     units = {"stock": kw.pop("stock"), "mst": kw.pop("mst")}

@@ -97,7 +97,7 @@ def _client_matches_stock():
     net = unwrap(mst)
     assert type(net) is MSTGPTModel and net.output_layer.mini_sequences == 5
     mlp = net.decoder.layers[0].mlp
-    assert isinstance(mlp, MiniSequenceMLP) and mlp.num_mini_sequences(SEQ) == 3  # auto: ceil(96 / 32)
+    assert isinstance(mlp, MiniSequenceMLP) and mlp.num_chunks(SEQ) == 3  # auto: ceil(96 / 32)
     assert mlp.tp_group is net.decoder.layers[0].pg_collection.tp  # the group megatron handed it
     _, stock = _build(mst=False, initialize=False)
     assert type(unwrap(stock)).__name__ == "GPTModel"

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mst_megatron
-from mst_megatron.tools.flops import GemmLog
-from mst_megatron.tools.memory import format_bytes, measure_peak
+from mst_megatron.measure.flops import GemmLog
+from mst_megatron.measure.memory import format_bytes, measure_peak
 from tests.models import tiny_config
 
 S = 37  # prime: no chunk count > 1 divides it
@@ -104,14 +104,14 @@ def fc1_calls(mlp, x):
 )
 def test_chunk_count(m, length, expected):
     mlp = build(tiny_config(), m)
-    assert mlp.num_mini_sequences(length) == len(expected)
+    assert mlp.num_chunks(length) == len(expected)
     assert fc1_calls(mlp, torch.randn(length, 2, 64)) == expected
 
 
 def test_auto_rule_formula():
     mlp = build(tiny_config(hidden_size=96, num_attention_heads=4, kv_channels=24), "auto")
     for length in (1, 95, 96, 97, 1000, 4096):
-        assert mlp.num_mini_sequences(length) == min(length, math.ceil(length / 96))
+        assert mlp.num_chunks(length) == min(length, math.ceil(length / 96))
 
 
 def test_sharded_state_dict_same_as_mlp():

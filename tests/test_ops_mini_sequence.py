@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mst_megatron.ops.mini_sequence import mini_sequence_apply
-from mst_megatron.tools.memory import format_bytes, measure_peak
+from mst_megatron.measure.memory import format_bytes, measure_peak
 
 MiB = 2**20
 
@@ -239,7 +239,7 @@ def test_outputs_unread_ending_reentrant_checkpoint(num_chunks):
     """``outputs_unread`` when the op ends a reentrant checkpoint (megatron's full recompute of a
     layer): the outer recompute computes no GEMM, each chunk computes once in its own recompute, and
     the gradients are the stock ones."""
-    from mst_megatron.tools.flops import GemmLog
+    from mst_megatron.measure.flops import GemmLog
 
     torch.manual_seed(0)
     mlp = SwiGLU(H, FFN, bias=True)

@@ -37,7 +37,7 @@ def test_cli_prints_layout_mst_counts_memory_and_flags(capsys):
 
 
 def test_cli_bad_input_is_one_line_and_exit_2():
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "plan_parallel.py"), "--config", "llama3-8b", "--nodes", "3",
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "plan_parallel.py"), "--config", "llama3-8b", "--nodes", "3",
            "--gpus-per-node", "8", "--seq-length", "131072", "--gpu-memory-gib", "80",
            "--tensor-model-parallel-size", "8", "--context-parallel-size", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Starting MST runs on clusters: the logic behind the files in ``launch/``.
+"""Starting MST runs on clusters: the logic behind the files in ``cluster/``.
 
 - :mod:`.plan`: check parallel sizes against a cluster's shape; suggest a TP/PP/CP/SP layout with MST
   counts and the per-GPU memory it expects

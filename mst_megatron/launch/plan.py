@@ -189,7 +189,7 @@ def describe(shape, name: str, layouts: List[Layout], nodes: int, gpus_per_node:
              gpu_memory_gib: float, reserve: float, mlp_mini_sequences: ChunkCount = AUTO,
              lm_head_mini_sequences: ChunkCount = AUTO, distributed_optimizer: bool = True,
              alternatives: int = 3) -> str:
-    """The report ``tools/plan_parallel.py`` prints: the best layout, its flags, then runners-up."""
+    """The report ``scripts/plan_parallel.py`` prints: the best layout, its flags, then runners-up."""
     best = layouts[0]
     lines = [
         f"model {name}: {shape.parameter_count(shape.vocab_size) / 1e9:.2f}B parameters, {shape.num_layers} "
@@ -239,7 +239,7 @@ def build_parser():
 
 
 def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> int:
-    """CLI entry (``tools/plan_parallel.py``): prints the plan; 2 with a one-line message on bad input."""
+    """CLI entry (``scripts/plan_parallel.py``): prints the plan; 2 with a one-line message on bad input."""
     import sys
 
     from mst_megatron.training import SetupError

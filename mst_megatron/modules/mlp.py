@@ -72,14 +72,14 @@ class MiniSequenceMLP(MLP):
         )
         self.mlp_mini_sequences = mlp_mini_sequences
 
-    def num_mini_sequences(self, local_length: int) -> int:
+    def num_chunks(self, local_length: int) -> int:
         """Chunk count for a local sequence of ``local_length`` tokens (same on every TP/SP/CP rank)."""
         sp_size = self.tp_group.size() if self.config.sequence_parallel else 1
         return mlp_mini_sequence_count(self.mlp_mini_sequences, local_length, sp_size, self.config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
         """``[s_local, b, h]`` -> ``(output [s_local, b, h], output_bias or None)``, like ``MLP``."""
-        num_chunks = self.num_mini_sequences(hidden_states.size(0))
+        num_chunks = self.num_chunks(hidden_states.size(0))
         if num_chunks == 1:
             return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
         if per_token_scale is not None:
@@ -139,7 +139,7 @@ class MiniSequenceMLP(MLP):
 
 
 def mlp_mini_sequence_count(mlp_mini_sequences: ChunkCount, local_length: int, sp_size: int, hidden_size: int) -> int:
-    """The rule of :meth:`MiniSequenceMLP.num_mini_sequences`, from plain numbers (the parallel-size
+    """The rule of :meth:`MiniSequenceMLP.num_chunks`, from plain numbers (the parallel-size
     planner uses it too): ``local_length`` tokens per rank, ``sp_size`` the TP size under sequence
     parallelism (else 1)."""
     return local_chunk_count(mlp_mini_sequences, PARAM, local_length, sp_size, auto_tokens_per_chunk=hidden_size)

@@ -2,7 +2,7 @@
 
 - :mod:`.model_config`: model shapes from JSON files -> ``TransformerConfig``
 - :mod:`.arguments`: Megatron-LM-named command-line flags, checked before any work starts
-- :mod:`.corpus`: raw-text documents for ``tools/train_tokenizer.py`` and ``tools/preprocess_data.py``
+- :mod:`.corpus`: raw-text documents for ``scripts/train_tokenizer.py`` and ``scripts/preprocess_data.py``
 - :mod:`.data`: tokenizer, indexed-dataset blends and their checks, resumable batch order
 - :mod:`.checkpointing`: ``dist_checkpointing`` save/resume in Megatron-LM's directory layout
 - :mod:`.monitor`: per-step log lines, progress bar, TensorBoard

@@ -158,8 +158,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("eval_interval", "save_interval", "num_layers_per_virtual_pipeline_stage", "recompute_num_layers"):
         value = getattr(args, name)
         _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    _require(args.data_path is not None, "--data-path is required (see tools/preprocess_data.py)")
-    _require(args.tokenizer_model is not None, "--tokenizer-model is required (see tools/train_tokenizer.py)")
+    _require(args.data_path is not None, "--data-path is required (see scripts/preprocess_data.py)")
+    _require(args.tokenizer_model is not None, "--tokenizer-model is required (see scripts/train_tokenizer.py)")
 
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if cp > 1:

@@ -1,5 +1,5 @@
-"""Raw-text documents from files and folders, shared by ``tools/train_tokenizer.py`` and
-``tools/preprocess_data.py`` so both read exactly the same documents in the same order.
+"""Raw-text documents from files and folders, shared by ``scripts/train_tokenizer.py`` and
+``scripts/preprocess_data.py`` so both read exactly the same documents in the same order.
 
 A ``.jsonl`` file holds one JSON object per line with the text under ``json_key`` (Megatron-LM's
 preprocessing format); any other file is one document; a folder contributes its files that match

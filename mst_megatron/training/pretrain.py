@@ -298,7 +298,7 @@ class Trainer:
         self.monitor.print(f"saved checkpoint {path} (loss plot: {os.path.join(self.args.save, 'loss.png')})")
 
     def load(self, ckpt: Optional[checkpointing.Checkpoint]) -> None:
-        """Resume from ``ckpt`` (checked by :func:`plan`); None: ``--load`` is ``--save`` and empty."""
+        """Resume from ``ckpt`` (checked by :func:`check_inputs`); None: ``--load`` is ``--save`` and empty."""
         a = self.args
         if ckpt is None:
             self.monitor.print(f"--load {a.load}: no checkpoint yet, starting from scratch")
@@ -400,8 +400,8 @@ def _carry_hf_files(load: str, save: str) -> None:
 
 
 @dataclass
-class Plan:
-    """Everything :func:`plan` checked before any work starts."""
+class RunInputs:
+    """Everything :func:`check_inputs` checked before any work starts."""
 
     args: argparse.Namespace
     shape: model_config.ModelShape
@@ -429,7 +429,7 @@ class Plan:
         )
 
 
-def plan(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> Plan:
+def check_inputs(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> RunInputs:
     """Parse and check every input (flags, model config, tokenizer, data) on this rank alone."""
     args = arguments.check_args(arguments.build_parser().parse_args(argv))
     shape = model_config.load_model_shape(args.model_config, configs_dir).replace(**arguments.shape_overrides(args))
@@ -454,10 +454,10 @@ def plan(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) ->
         if checkpoint is not None:
             checkpointing.check_resume(args, checkpoint, run_info)
     config = _transformer_config(args, shape)
-    return Plan(args, shape, tokenizer, blend, vocab_size, config, mst, run_info, checkpoint)
+    return RunInputs(args, shape, tokenizer, blend, vocab_size, config, mst, run_info, checkpoint)
 
 
-def run(p: Plan, start_time: float) -> None:
+def run(p: RunInputs, start_time: float) -> None:
     """Start the parallel state and train as planned; ``start_time`` anchors --exit-duration-in-mins."""
     a = p.args
     deadline = None if a.exit_duration_in_mins is None else start_time + 60 * a.exit_duration_in_mins
@@ -497,7 +497,7 @@ def run(p: Plan, start_time: float) -> None:
 def pretrain(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> None:
     """Check every input, then train (under torchrun, or as a one-rank world)."""
     start_time = time.time()
-    run(plan(argv, configs_dir), start_time)
+    run(check_inputs(argv, configs_dir), start_time)
 
 
 def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) -> int:

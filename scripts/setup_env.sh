@@ -2,8 +2,8 @@
 # Create a virtual environment (if missing) and install mst-megatron with its test extras against
 # one megatron-core version:
 #
-#   bash tools/setup_env.sh          # MCORE=0.19 (default): .venv, Python 3.12, megatron-core 0.19.2
-#   MCORE=0.16 bash tools/setup_env.sh   # .venv-mcore016, Python 3.11, megatron-core 0.16.1
+#   bash scripts/setup_env.sh          # MCORE=0.19 (default): .venv, Python 3.12, megatron-core 0.19.2
+#   MCORE=0.16 bash scripts/setup_env.sh   # .venv-mcore016, Python 3.11, megatron-core 0.16.1
 #
 # Prints the venv's python on its last line. torch is installed first and pinned (TORCH_SPEC,
 # default torch==2.13.0: under Python 3.11 the CPU build these machines keep on local disk, under

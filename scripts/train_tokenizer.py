@@ -4,7 +4,7 @@
 The model keeps text exactly (identity normalisation, whitespace kept: code and prose round-trip)
 and falls back to bytes, so no id is ever <unk>. Ids: 0 <unk>, 1 <s>, 2 </s> (end of document).
 
-    python tools/train_tokenizer.py --input corpus/ --model-prefix data/tokenizer --vocab-size 4096
+    python scripts/train_tokenizer.py --input corpus/ --model-prefix data/tokenizer --vocab-size 4096
 """
 
 import argparse

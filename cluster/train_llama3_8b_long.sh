@@ -1,14 +1,14 @@
 #!/bin/bash
 # Llama-3-8B long-context pretraining with MST on, one launcher per node: the job that the SLURM batch
-# files (launch/slurm/) and the Kubernetes manifest (launch/k8s/) start on every node.
+# files (cluster/slurm/) and the Kubernetes manifest (cluster/k8s/) start on every node.
 #
 # Environment:
-#   required  SEQ_LENGTH TP PP CP         layout (see tools/plan_parallel.py)
+#   required  SEQ_LENGTH TP PP CP         layout (see scripts/plan_parallel.py)
 #             DATA_PATH                   dataset prefixes, optionally weighted: "0.7 /data/a 0.3 /data/b"
 #             TOKENIZER_MODEL             sentencepiece .model file
 #   optional  SAVE_DIR (checkpoints/mst-llama3-8b-$SEQ_LENGTH), GLOBAL_BATCH_SIZE (16), TRAIN_ITERS (1000),
 #             MLP_MINI_SEQUENCES, LM_HEAD_MINI_SEQUENCES (auto), EXTRA_ARGS (more pretrain_gpt_mst.py flags)
-# Arguments: launcher flags (bash launch/torchrun_multinode.sh --help), e.g. --dry-run.
+# Arguments: launcher flags (bash cluster/torchrun_multinode.sh --help), e.g. --dry-run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 die() { echo "train_llama3_8b_long.sh: error: $*" >&2; exit 2; }
@@ -29,4 +29,4 @@ ARGS=(--model-config llama3-8b --seq-length "$SEQ_LENGTH" --max-position-embeddi
       --data-path "${DATA[@]}" --tokenizer-model "$TOKENIZER_MODEL"
       --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval 100 --eval-interval 100 --eval-iters 4)
 [[ "$TP" != 1 ]] && ARGS+=(--sequence-parallel)
-exec bash "$ROOT/launch/torchrun_multinode.sh" "$@" "$ROOT/examples/pretrain_gpt_mst.py" "${ARGS[@]}" "${EXTRA[@]}"
+exec bash "$ROOT/cluster/torchrun_multinode.sh" "$@" "$ROOT/examples/pretrain_gpt_mst.py" "${ARGS[@]}" "${EXTRA[@]}"

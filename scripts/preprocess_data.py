@@ -4,7 +4,7 @@
 Writes OUTPUT_PREFIX.bin (token ids) and OUTPUT_PREFIX.idx (document index) with megatron-core's
 ``IndexedDatasetBuilder``, the format ``--data-path OUTPUT_PREFIX`` reads (Megatron-LM's too).
 
-    python tools/preprocess_data.py --input corpus/ --tokenizer-model data/tokenizer.model \\
+    python scripts/preprocess_data.py --input corpus/ --tokenizer-model data/tokenizer.model \\
         --output-prefix data/corpus --append-eod
 """
 

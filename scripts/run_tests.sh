@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 status=0
 for mcore in ${MCORE:-0.19 0.16}; do
-  python=$(MCORE=$mcore bash tools/setup_env.sh | tail -n 1) || exit 1
+  python=$(MCORE=$mcore bash scripts/setup_env.sh | tail -n 1) || exit 1
   echo "== megatron-core $mcore: $python -m pytest"
   "$python" -m pytest -q -ra "$@" || status=1
 done

@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DRY_RUN="${MST_DRY_RUN:-0}"
 for arg in "$@"; do if [[ "$arg" == "--dry-run" ]]; then DRY_RUN=1; fi; done  # wherever it stands
 
-JOB=(bash "$ROOT/launch/train_llama3_8b_long.sh" --scheduler slurm)
+JOB=(bash "$ROOT/cluster/train_llama3_8b_long.sh" --scheduler slurm)
 SRUN=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${JOB[@]}")
 TORCHRUN="$("${JOB[@]}" --dry-run)"  # on bad input the launcher's message is printed and the job stops here
 printf -v SRUN_TEXT '%q ' "${SRUN[@]}"

@@ -2,7 +2,7 @@
 """Import a Hugging Face Llama / Mistral / Qwen2 folder (config.json + safetensors) as a checkpoint
 root that examples/pretrain_gpt_mst.py trains from at any TP / PP layout:
 
-    python tools/import_hf.py --hf-folder Llama-3.1-8B --save ckpt
+    python scripts/import_hf.py --hf-folder Llama-3.1-8B --save ckpt
     torchrun ... examples/pretrain_gpt_mst.py --model-config ckpt/model_config.json --load ckpt --save ckpt \\
         --tokenizer-type HuggingFaceTokenizer --tokenizer-model ckpt/hf --make-vocab-size-divisible-by 1 ...
 

@@ -2,7 +2,7 @@
 """Suggest a TP/PP/CP/SP layout, MST counts and expected per-GPU memory for a model, cluster and
 sequence length:
 
-    python tools/plan_parallel.py --config llama3-8b --nodes 4 --gpus-per-node 8 \\
+    python scripts/plan_parallel.py --config llama3-8b --nodes 4 --gpus-per-node 8 \\
         --seq-length 131072 --gpu-memory-gib 80
 
 The work (and the memory model's assumptions) is in :mod:`mst_megatron.launch.plan`.

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Export an iteration of a checkpoint root (imported with tools/import_hf.py, then trained) as a
+"""Export an iteration of a checkpoint root (imported with scripts/import_hf.py, then trained) as a
 Hugging Face folder that ``transformers`` loads; the config gets the run's context length and RoPE:
 
-    python tools/export_hf.py --load ckpt --output Llama-3.1-8B-long
+    python scripts/export_hf.py --load ckpt --output Llama-3.1-8B-long
 
 See :mod:`mst_megatron.training.hf`.
 """

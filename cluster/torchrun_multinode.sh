@@ -1,7 +1,7 @@
 #!/bin/bash
 # Start one node of a multi-node MST job with torchrun; run it once on every node:
 #
-#   bash launch/torchrun_multinode.sh --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host0:29500 \
+#   bash cluster/torchrun_multinode.sh --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host0:29500 \
 #       examples/pretrain_gpt_mst.py --tensor-model-parallel-size 8 --pipeline-model-parallel-size 2 ...
 #
 # Under SLURM or a Kubernetes PyTorchJob the node count, GPUs per node and rendezvous host come from

@@ -5,22 +5,22 @@
 # under torchrun (2 gloo ranks, TP=2 on CPU; NCCL and one rank per GPU, up to 2, on a GPU machine)
 # until the validation loss has clearly fallen; the checkpoint lands in $WORK/checkpoints.
 #
-#   bash tools/run_main.sh                      # everything, defaults
-#   bash tools/run_main.sh --train-iters 50     # extra flags go to examples/pretrain_gpt_mst.py
-#   MST_WORK=/tmp/run bash tools/run_main.sh    # another work folder (default: runs/main)
-#   MCORE=0.16 bash tools/run_main.sh           # on megatron-core 0.16.1 (default: 0.19.2)
+#   bash scripts/run_main.sh                      # everything, defaults
+#   bash scripts/run_main.sh --train-iters 50     # extra flags go to examples/pretrain_gpt_mst.py
+#   MST_WORK=/tmp/run bash scripts/run_main.sh    # another work folder (default: runs/main)
+#   MCORE=0.16 bash scripts/run_main.sh           # on megatron-core 0.16.1 (default: 0.19.2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=$(bash tools/setup_env.sh | tail -n 1)
+PY=$(bash scripts/setup_env.sh | tail -n 1)
 WORK=${MST_WORK:-runs/main}
 mkdir -p "$WORK"
 
 STDLIB=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 CORPUS=(--input "$STDLIB" --pattern '*.py' --exclude-dir site-packages --exclude-dir dist-packages
         --exclude-dir test --exclude-dir tests --exclude-dir idlelib)
-$PY tools/train_tokenizer.py "${CORPUS[@]}" --max-bytes 3000000 --vocab-size 4096 \
+$PY scripts/train_tokenizer.py "${CORPUS[@]}" --max-bytes 3000000 --vocab-size 4096 \
     --model-prefix "$WORK/tokenizer"
-$PY tools/preprocess_data.py "${CORPUS[@]}" --max-bytes 6000000 --append-eod \
+$PY scripts/preprocess_data.py "${CORPUS[@]}" --max-bytes 6000000 --append-eod \
     --tokenizer-model "$WORK/tokenizer.model" --output-prefix "$WORK/data/stdlib"
 
 # One rank per GPU (at most 2) on a GPU machine; 2 CPU ranks otherwise. TensorBoard logs where it
