@@ -49,6 +49,7 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mst_megatron.layout import LayoutError
 from mst_megatron.training import SetupError
 
 GIB = 1024**3
@@ -106,19 +107,9 @@ def checked_args(args, shape, seq_length: int):
     a = argparse.Namespace(**vars(args))
     a.seq_length = seq_length
     a.data_path, a.tokenizer_model = ["simulated"], "simulated"  # no data is read
-    dp = args.world_size // max(1, a.tensor_model_parallel_size * a.pipeline_model_parallel_size
-                                * a.context_parallel_size)
     if a.global_batch_size is None:
-        a.global_batch_size = a.micro_batch_size * max(dp, 1) * a.pipeline_model_parallel_size
-    previous = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(args.world_size)
-    try:
-        arguments.check_args(a)
-    finally:
-        if previous is None:
-            del os.environ["WORLD_SIZE"]
-        else:
-            os.environ["WORLD_SIZE"] = previous
+        a.global_batch_size = a.micro_batch_size * arguments.layout_of(a, args.world_size).dp * a.pipeline_model_parallel_size
+    arguments.check_args(a, world_size=args.world_size)
     a.max_position_embeddings = max(shape.max_position_embeddings, seq_length)
     arguments.check_shape(a, shape.replace(max_position_embeddings=a.max_position_embeddings))
     return a
@@ -239,12 +230,11 @@ def step_report(a, shape, fake: bool = True) -> Dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from mst_megatron.measure.memory import _StepMemTracker
-    from mst_megatron.training import model_config, pretrain
+    from mst_megatron.training import pretrain
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     shape_s = shape.replace(max_position_embeddings=a.max_position_embeddings)
-    vocab = model_config.padded_vocab_size(shape.vocab_size, a.make_vocab_size_divisible_by,
-                                           a.tensor_model_parallel_size)
+    vocab = a.layout.padded_vocab_size(shape.vocab_size, a.make_vocab_size_divisible_by)
     config = pretrain._transformer_config(a, shape_s)
     config.perform_initialization = False
     mst = None if a.no_mst else dict(mlp_mini_sequences=a.mlp_mini_sequences,
@@ -337,9 +327,10 @@ def _layout(a) -> Dict:
 
 def longest_fitting(args, shape) -> Dict:
     """``--seq-length auto``: doubling from ``--seq-step`` then bisection, in multiples of the step
-    (and of what the layout needs, 2 x CP x TP); the last fitting result, or None if none fits."""
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    unit = math.lcm(args.seq_step, 2 * cp * tp)
+    (and of the layout's sequence divisor); the last fitting result, or None if none fits."""
+    from mst_megatron.training import arguments
+
+    unit = math.lcm(args.seq_step, arguments.layout_of(args, args.world_size).seq_len_divisor)
     best, tried = None, []
     n = 1
     while True:
@@ -385,7 +376,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return 1
         else:
             report = simulate(args, shape, args.seq_length)
-    except SetupError as e:
+    except (SetupError, LayoutError) as e:
         print(f"simulate: error: {e}", file=sys.stderr)
         return 2
     _print(report)

@@ -207,21 +207,21 @@ def test_chunk_counts_agree_across_ranks(results, case):
     "override,match",
     [
         (dict(num_attention_heads=8, num_query_groups=2, context_parallel_size=3),
-         r"attention heads per tensor-parallel rank \(num_attention_heads 8 / tensor_model_parallel_size 1 = 8\) "
-         r"must be divisible by context_parallel_size 3"),
+         r"--context-parallel-size 3: the attention heads per tensor-parallel rank \(num_attention_heads 8 / "
+         r"--tensor-model-parallel-size 1 = 8\) must be divisible by it"),
         (dict(hidden_size=96, num_attention_heads=6, num_query_groups=3, context_parallel_size=2),
-         r"key/value groups per tensor-parallel rank \(num_query_groups 3 / tensor_model_parallel_size 1 = 3\) "
-         r"must be divisible by context_parallel_size 2, or divide it"),
+         r"--context-parallel-size 2: the key/value groups per tensor-parallel rank \(num_query_groups 3 / "
+         r"--tensor-model-parallel-size 1 = 3\) must be divisible by it or divide it"),
         (dict(context_parallel_size=2, cp_comm_type="allgather"),
-         r"cp_comm_type='allgather' is not supported by SDPAttention; allowed: \(None, 'a2a', 'p2p', 'a2a\+p2p'\)"),
+         r"--cp-comm-type must be one of \('a2a', 'p2p', 'a2a\+p2p'\), got 'allgather'"),
         (dict(context_parallel_size=4, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 3]),
-         r"hierarchical_context_parallel_sizes = \[a2a size, ring size\] whose product is context_parallel_size 4, "
-         r"got \[2, 3\]; possible: \[\[2, 2\]\]"),
+         r"--hierarchical-context-parallel-sizes \[2, 3\] must be two sizes \(all-to-all, ring\) whose product is "
+         r"--context-parallel-size 4; possible: \[\[2, 2\]\]"),
         (dict(context_parallel_size=8, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[4, 2],
               num_attention_heads=2, num_query_groups=1),
-         r"attention heads per tensor-parallel rank \(num_attention_heads 2 / tensor_model_parallel_size 1 = 2\) "
-         r"must be divisible by the all-to-all part \(hierarchical_context_parallel_sizes\[0\]\) 4; "
-         r"cp_comm_type='p2p' \(the ring\) has no such condition"),
+         r"--hierarchical-context-parallel-sizes\[0\] \(the all-to-all part\) 4: the attention heads per "
+         r"tensor-parallel rank \(num_attention_heads 2 / --tensor-model-parallel-size 1 = 2\) must be divisible by "
+         r"it; --cp-comm-type p2p \(the ring\) has no such condition"),
         # the ring: the config's CP size against the group's, before any work
         (dict(context_parallel_size=2, cp_comm_type="p2p"), r"context_parallel_size=2 in the config, but the "
                                                             r"context-parallel process group has 1 ranks"),

@@ -112,8 +112,9 @@ def test_resolution_from_flags_slurm_and_pytorchjob():
 ])
 def test_bad_launch_input(argv, env, message):
     from mst_megatron.launch import LaunchError
+    from mst_megatron.layout import LayoutError
 
-    with pytest.raises(LaunchError, match=message):
+    with pytest.raises((LaunchError, LayoutError), match=message):
         _resolve(argv, env)
 
 

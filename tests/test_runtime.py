@@ -18,11 +18,11 @@ from tests.multirank import run_on_ranks
         ("1", dict(tensor_model_parallel_size=2), "world size 1 is not divisible"),
         ("6", dict(tensor_model_parallel_size=4), "world size 6 is not divisible"),
         ("4", dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, context_parallel_size=2), "= 8"),
-        ("1", dict(tensor_model_parallel_size=0), "tensor_model_parallel_size must be an int >= 1"),
-        ("1", dict(pipeline_model_parallel_size=1.5), "pipeline_model_parallel_size must be an int >= 1"),
-        ("1", dict(context_parallel_size=-1), "context_parallel_size must be an int >= 1"),
-        ("1", dict(virtual_pipeline_model_parallel_size=2), "needs pipeline_model_parallel_size > 1"),
-        ("2", dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=0), "virtual_pipeline"),
+        ("1", dict(tensor_model_parallel_size=0), "--tensor-model-parallel-size must be an int >= 1"),
+        ("1", dict(pipeline_model_parallel_size=1.5), "--pipeline-model-parallel-size must be an int >= 1"),
+        ("1", dict(context_parallel_size=-1), "--context-parallel-size must be an int >= 1"),
+        ("1", dict(virtual_pipeline_model_parallel_size=2), "needs --pipeline-model-parallel-size > 1"),
+        ("2", dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=0), "--virtual-pipeline-model-parallel-size must be None or an int >= 1"),
     ],
 )
 def test_init_parallel_rejects_bad_sizes(monkeypatch, world_size, kwargs, message):

@@ -1,7 +1,6 @@
 """Starting MST runs on clusters: the logic behind the files in ``cluster/``.
 
-- :mod:`.plan`: check parallel sizes against a cluster's shape; suggest a TP/PP/CP/SP layout with MST
-  counts and the per-GPU memory it expects
+- :mod:`.plan`: suggest a TP/PP/CP/SP layout with MST counts and the per-GPU memory it expects
 - :mod:`.torchrun`: build the multi-node ``torchrun`` command from flags or the scheduler's environment
 """
 

@@ -12,7 +12,7 @@ rendezvous assigns them). Values come from, in order: the flags, then the schedu
 * the rendezvous port: ``PET_MASTER_PORT`` / ``MASTER_PORT``, else 29500.
 
 Before anything starts, the training flags' TP/PP/CP are checked against the cluster's shape
-(:func:`mst_megatron.launch.plan.check_layout`). ``--dry-run`` (or ``MST_DRY_RUN=1``), wherever it
+(:meth:`mst_megatron.layout.ParallelLayout.for_cluster`). ``--dry-run`` (or ``MST_DRY_RUN=1``), wherever it
 stands on the command line, prints the command instead of running it; otherwise the launcher
 replaces itself with torchrun, so the scheduler's signals reach torchrun directly.
 """
@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional
 
 from mst_megatron.launch import LaunchError
-from mst_megatron.launch.plan import check_layout
+from mst_megatron.layout import CP, PP, TP, LayoutError, ParallelLayout
 
 SCHEDULERS = ("auto", "slurm", "k8s", "none")
 DEFAULT_PORT = 29500
-_PARALLEL_FLAGS = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
-                   "cp": "--context-parallel-size"}
+_PARALLEL_FLAGS = {"tp": TP, "pp": PP, "cp": CP}
 
 
 def first_host(nodelist: str) -> str:
@@ -157,7 +156,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str]) -> Launch:
         endpoint = host
     if endpoint is not None and ":" not in endpoint:
         endpoint = f"{endpoint}:{_positive(found['port'] or str(DEFAULT_PORT), 'the rendezvous port')}"
-    check_layout(nnodes, nproc, **parallel_sizes(args.script_args))
+    ParallelLayout.for_cluster(nnodes, nproc, **parallel_sizes(args.script_args))
     rdzv_id = args.rdzv_id or found["rdzv_id"] or "mst"
     return Launch(nnodes, nproc, endpoint, rdzv_id, args.script, args.script_args, args.max_restarts)
 
@@ -194,7 +193,7 @@ def main(argv: Optional[List[str]] = None, env: Optional[Mapping[str, str]] = No
     args = build_parser().parse_args([a for a in argv if a != "--dry-run"])
     try:
         launch = resolve(args, env)
-    except LaunchError as e:
+    except (LaunchError, LayoutError) as e:
         print(f"torchrun_multinode.sh: error: {e}", file=sys.stderr)
         return 2
     command = launch.command()

@@ -39,7 +39,7 @@ support dropout.
 import contextlib
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +57,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from mst_megatron.layout import ParallelLayout
 from mst_megatron.ops.context_parallel import heads_to_sequence, sequence_to_heads
 from mst_megatron.ops.ring_attention import ring_attention
 
 __all__ = ["SDPAttention", "ConfigSelfAttention"]
 
 SUPPORTED_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.no_mask)
-CP_COMM_TYPES = (None, "a2a", "p2p", "a2a+p2p")  # None: megatron's default, taken as the all-to-all here
 _warned_cpu_dropout = False
 
 
@@ -111,8 +111,9 @@ class SDPAttention(MegatronModule):
         # often to replicate each K/V group before the all-to-all.
         self.a2a_group, self.ring_group, self.kv_replicas = None, None, 1
         if config.context_parallel_size > 1:
-            a2a_size, self.kv_replicas = _check_context_parallel(config, cp_comm_type)
-            self.a2a_group, self.ring_group = _cp_groups(pg_collection, config, a2a_size)
+            layout = _context_parallel_layout(config, cp_comm_type)
+            self.kv_replicas = layout.kv_replication(config.num_query_groups)
+            self.a2a_group, self.ring_group = _cp_groups(pg_collection, config, layout.a2a_size)
 
     def forward(
         self,
@@ -220,43 +221,14 @@ def _cp_groups(pg_collection: Optional[ProcessGroupCollection], config: Transfor
     return levels[0], levels[1]
 
 
-def _check_context_parallel(config: TransformerConfig, cp_comm_type) -> Tuple[int, int]:
-    """Refuse what the layout cannot do, naming the sizes; return ``(all-to-all size, K/V
-    replication factor)`` (all-to-all size 1: ring only; ``cp``: all-to-all only)."""
-    if cp_comm_type not in CP_COMM_TYPES:
-        raise ValueError(
-            f"cp_comm_type={cp_comm_type!r} is not supported by SDPAttention; allowed: {CP_COMM_TYPES}"
-        )
-    cp, tp = config.context_parallel_size, config.tensor_model_parallel_size
-    sizes = config.hierarchical_context_parallel_sizes
-    if cp_comm_type == "p2p":
-        return 1, 1
-    if cp_comm_type == "a2a+p2p":
-        if not sizes or len(sizes) != 2 or math.prod(sizes) != cp:
-            pairs = [[a, cp // a] for a in range(2, cp) if cp % a == 0]
-            raise ValueError(
-                f"cp_comm_type='a2a+p2p' needs hierarchical_context_parallel_sizes = [a2a size, ring size] "
-                f"whose product is context_parallel_size {cp}, got {sizes}; possible: {pairs or 'none'}"
-            )
-        a2a, what = sizes[0], f"the all-to-all part (hierarchical_context_parallel_sizes[0]) {sizes[0]}"
-    else:
-        a2a, what = cp, f"context_parallel_size {cp}"
-    heads, groups = config.num_attention_heads // tp, config.num_query_groups // tp
-    if heads % a2a:
-        raise ValueError(
-            f"context parallelism in SDPAttention trades sequence shards for head shards: the "
-            f"attention heads per tensor-parallel rank (num_attention_heads {config.num_attention_heads} / "
-            f"tensor_model_parallel_size {tp} = {heads}) must be divisible by {what}; "
-            "cp_comm_type='p2p' (the ring) has no such condition"
-        )
-    if groups % a2a and a2a % groups:
-        raise ValueError(
-            f"context parallelism in SDPAttention: the key/value groups per tensor-parallel rank "
-            f"(num_query_groups {config.num_query_groups} / tensor_model_parallel_size {tp} = {groups}) "
-            f"must be divisible by {what}, or divide it (then they are replicated); "
-            "cp_comm_type='p2p' (the ring) has no such condition"
-        )
-    return a2a, max(1, a2a // groups)
+def _context_parallel_layout(config: TransformerConfig, cp_comm_type) -> ParallelLayout:
+    """The config's context parallelism as a checked layout (None: megatron's default, the all-to-all)."""
+    comm = "a2a" if cp_comm_type is None else cp_comm_type
+    sizes = config.hierarchical_context_parallel_sizes if comm == "a2a+p2p" else None
+    layout = ParallelLayout(tp=config.tensor_model_parallel_size, cp=config.context_parallel_size,
+                            cp_comm_type=comm, hierarchical_cp_sizes=None if sizes is None else tuple(sizes))
+    layout.check_heads(config.num_attention_heads, config.num_query_groups)
+    return layout
 
 
 def _check_mask_type(mask_type: AttnMaskType) -> None:

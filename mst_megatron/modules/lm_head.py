@@ -25,10 +25,11 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mst_megatron.ops.chunking import AUTO, ChunkCount, local_chunk_count, validate_chunk_count
+from mst_megatron.layout import head_chunk_count
+from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
 from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["MiniSequenceLMHead", "check_head_options", "lm_head_mini_sequence_count"]
+__all__ = ["MiniSequenceLMHead", "check_head_options"]
 
 PARAM = "lm_head_mini_sequences"
 
@@ -45,25 +46,10 @@ def check_head_options(config: TransformerConfig, mini_sequences: ChunkCount) ->
     return mini_sequences
 
 
-def lm_head_mini_sequence_count(mini_sequences: ChunkCount, local_tokens: int, sp_size: int, hidden_size: int,
-                                vocab_per_rank: int) -> int:
-    """The head's chunk rule from plain numbers (the parallel-size planner uses it too):
-    ``local_tokens`` per rank, ``sp_size`` the TP size under sequence parallelism (else 1).
-
-    ``"auto"``: ``ceil(vocab_per_rank / hidden_size)`` chunks, so a chunk's logits hold about as many
-    numbers as the whole (gathered) hidden state, but chunks of at least ``hidden_size / 4`` gathered
-    tokens (256 at hidden 1024), below which the logits GEMMs slow down (each chunk streams the whole
-    weight). An int is used as given. Clamped to ``local_tokens``.
-    """
-    num_tokens = local_tokens * sp_size
-    tokens_per_chunk = max(-(-hidden_size // 4), -(-num_tokens * hidden_size // vocab_per_rank))
-    return local_chunk_count(mini_sequences, PARAM, local_tokens, sp_size, auto_tokens_per_chunk=tokens_per_chunk)
-
-
 class MiniSequenceLMHead(ColumnParallelLinear):
     """``ColumnParallelLinear`` whose ``forward(..., labels=...)`` returns the per-token loss ``[b, s]``.
 
-    ``mini_sequences``: int >= 1, or ``"auto"`` (:func:`lm_head_mini_sequence_count`): a chunk's fp32
+    ``mini_sequences``: int >= 1, or ``"auto"`` (:func:`mst_megatron.layout.head_chunk_count`): a chunk's fp32
     logits ``[T/M, V/TP]`` about the size of the hidden state, e.g. 32 chunks of 256 tokens for
     Llama-3's vocabulary at hidden 1024 and 8K tokens (128 MiB of logits against 3.9 GiB). Under
     sequence parallelism each chunk is a slice of the local shard, all-gathered over TP inside the op.
@@ -92,8 +78,8 @@ class MiniSequenceLMHead(ColumnParallelLinear):
     def num_chunks(self, local_tokens: int) -> int:
         """Mini-sequences of this rank's ``local_tokens`` tokens (its sequence-parallel shard, if any)."""
         sp_size = self.tp_group.size() if self.sequence_parallel else 1
-        return lm_head_mini_sequence_count(self.mini_sequences, local_tokens, sp_size, self.input_size,
-                                           self.output_size_per_partition)
+        return head_chunk_count(self.mini_sequences, local_tokens, sp_size, self.input_size,
+                                self.output_size_per_partition)
 
     def forward(
         self,

@@ -21,11 +21,12 @@ from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mst_megatron.ops.chunking import AUTO, ChunkCount, local_chunk_count, validate_chunk_count
+from mst_megatron.layout import mlp_chunk_count
+from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
 from mst_megatron.ops.mini_sequence import GemmsLeftEmpty, mini_sequence_apply
 from mst_megatron.runtime.mcore_adapter import MLP_TAKES_NAME
 
-__all__ = ["MiniSequenceMLP", "mlp_mini_sequence_count"]
+__all__ = ["MiniSequenceMLP"]
 
 PARAM = "mlp_mini_sequences"
 
@@ -75,7 +76,7 @@ class MiniSequenceMLP(MLP):
     def num_chunks(self, local_length: int) -> int:
         """Chunk count for a local sequence of ``local_length`` tokens (same on every TP/SP/CP rank)."""
         sp_size = self.tp_group.size() if self.config.sequence_parallel else 1
-        return mlp_mini_sequence_count(self.mlp_mini_sequences, local_length, sp_size, self.config.hidden_size)
+        return mlp_chunk_count(self.mlp_mini_sequences, local_length, sp_size, self.config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
         """``[s_local, b, h]`` -> ``(output [s_local, b, h], output_bias or None)``, like ``MLP``."""
@@ -136,13 +137,6 @@ class MiniSequenceMLP(MLP):
             return MLP.forward(self, hidden_states)
         finally:
             del fc2.forward
-
-
-def mlp_mini_sequence_count(mlp_mini_sequences: ChunkCount, local_length: int, sp_size: int, hidden_size: int) -> int:
-    """The rule of :meth:`MiniSequenceMLP.num_chunks`, from plain numbers (the parallel-size
-    planner uses it too): ``local_length`` tokens per rank, ``sp_size`` the TP size under sequence
-    parallelism (else 1)."""
-    return local_chunk_count(mlp_mini_sequences, PARAM, local_length, sp_size, auto_tokens_per_chunk=hidden_size)
 
 
 def _check_config(config: TransformerConfig, is_expert: bool) -> None:

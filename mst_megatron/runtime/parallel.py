@@ -5,7 +5,6 @@ process runs as a one-rank world. NCCL and one GPU per local rank when CUDA is p
 CPU compatibility layer (:mod:`mst_megatron.runtime.cpu_compat`) otherwise.
 """
 
-import math
 import os
 from datetime import timedelta
 from typing import List, Optional
@@ -13,31 +12,9 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from mst_megatron.layout import ParallelLayout
 from mst_megatron.runtime import cpu_compat
 from mst_megatron.runtime.quiet import import_megatron_quietly
-
-
-def _check_sizes(world_size: int, tp: int, pp: int, cp: int, vpp: Optional[int]) -> None:
-    sizes = dict(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
-    )
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    model_parallel = tp * pp * cp
-    if world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
-            f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp}) = {model_parallel}"
-        )
-    if vpp is not None:
-        if isinstance(vpp, bool) or not isinstance(vpp, int) or vpp < 1:
-            raise ValueError(f"virtual_pipeline_model_parallel_size must be None or an int >= 1, got {vpp!r}")
-        if pp == 1 and vpp > 1:
-            raise ValueError(
-                "virtual_pipeline_model_parallel_size > 1 needs pipeline_model_parallel_size > 1, "
-                f"got virtual {vpp} with pipeline_model_parallel_size 1"
-            )
 
 
 def _start_process_group() -> None:
@@ -77,31 +54,24 @@ def init_parallel(
 ) -> Optional[cpu_compat.CpuBridges]:
     """Start torch.distributed and megatron-core's parallel state; seed the model-parallel RNGs.
 
-    The world size must be divisible by TP x PP x CP; the remaining factor is data parallelism.
-    ``hierarchical_context_parallel_sizes`` (product CP) makes megatron's hierarchical CP groups,
-    which ``cp_comm_type="a2a+p2p"`` uses.
+    The sizes must form a :class:`~mst_megatron.layout.ParallelLayout` of the world (else
+    :class:`~mst_megatron.layout.LayoutError`); the remaining factor is data parallelism.
+    ``hierarchical_context_parallel_sizes`` ``[all-to-all, ring]`` (product CP) makes megatron's
+    hierarchical CP groups, which ``cp_comm_type="a2a+p2p"`` uses.
     ``cpu_bridges``: install megatron-core's CPU bridges (:mod:`mst_megatron.runtime.cpu_compat`);
     None (default) installs them exactly when CUDA is absent, False never (megatron-core then fails at
     its first CUDA call on a CPU-only machine), True requires a CUDA-less machine. Returns the
     bridges' handle (its ``restore()`` removes them) or None.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
-    _check_sizes(
-        world_size,
-        tensor_model_parallel_size,
-        pipeline_model_parallel_size,
-        context_parallel_size,
-        virtual_pipeline_model_parallel_size,
+    hierarchical = hierarchical_context_parallel_sizes
+    ParallelLayout.for_world(
+        world_size, tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size,
+        vpp=virtual_pipeline_model_parallel_size, cp_comm_type="a2a" if hierarchical is None else "a2a+p2p",
+        hierarchical_cp_sizes=None if hierarchical is None else tuple(hierarchical),
     )
     if cpu_bridges not in (None, True, False):
         raise ValueError(f"cpu_bridges must be None, True or False, got {cpu_bridges!r}")
-    if hierarchical_context_parallel_sizes is not None:
-        sizes = list(hierarchical_context_parallel_sizes)
-        if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes) or math.prod(sizes) != context_parallel_size:
-            raise ValueError(
-                f"hierarchical_context_parallel_sizes={hierarchical_context_parallel_sizes!r} must be ints >= 1 "
-                f"whose product is context_parallel_size {context_parallel_size}"
-            )
     import_megatron_quietly()
     bridges = None
     if cpu_bridges or (cpu_bridges is None and not torch.cuda.is_available()):

@@ -6,9 +6,12 @@ hang or a traceback from deep inside megatron-core.
 """
 
 import argparse
+import dataclasses
 import math
 import os
+from typing import Optional
 
+from mst_megatron.layout import ParallelLayout
 from mst_megatron.training import SetupError
 
 _SHAPE_OVERRIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -143,13 +146,14 @@ def _require(condition: bool, message: str) -> None:
         raise SetupError(message)
 
 
-def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Validate flags against each other and torchrun's world size; fill derived fields.
+def check_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Validate flags against each other and the world size (default: torchrun's); fill derived fields.
 
-    Sets ``args.data_parallel_size``, ``args.num_microbatches``,
+    Sets ``args.layout`` (:class:`~mst_megatron.layout.ParallelLayout`; its errors are
+    :class:`~mst_megatron.layout.LayoutError`), ``args.data_parallel_size``, ``args.num_microbatches``,
     ``args.virtual_pipeline_model_parallel_size`` (see :func:`check_shape`) and ``args.lr_decay_iters``.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     positive = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                 "seq_length", "micro_batch_size", "global_batch_size", "train_iters", "eval_iters",
                 "log_interval", "make_vocab_size_divisible_by")
@@ -161,29 +165,13 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     _require(args.data_path is not None, "--data-path is required (see scripts/preprocess_data.py)")
     _require(args.tokenizer_model is not None, "--tokenizer-model is required (see scripts/train_tokenizer.py)")
 
-    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    if cp > 1:
-        # megatron's load-balanced layout cuts every sequence into 2 x CP equal chunks.
-        _require(args.seq_length % (2 * cp) == 0,
-                 f"--context-parallel-size {cp}: --seq-length {args.seq_length} must be divisible by "
-                 f"2 x --context-parallel-size = {2 * cp} (megatron's load-balanced sequence layout)")
-        _require(not args.no_mst,
-                 f"--context-parallel-size {cp} needs MST's attention: megatron-core's local spec "
-                 "(--no-mst) has no context parallelism without Transformer Engine; drop --no-mst")
-    sizes = args.hierarchical_context_parallel_sizes
-    if args.cp_comm_type == "a2a+p2p":
-        _require(sizes is not None and len(sizes) == 2 and sizes[0] * sizes[1] == cp,
-                 f"--cp-comm-type a2a+p2p: --hierarchical-context-parallel-sizes {sizes} must be two sizes "
-                 f"(all-to-all, ring) whose product is --context-parallel-size {cp}; possible: "
-                 f"{[[a, cp // a] for a in range(2, cp) if cp % a == 0] or 'none'}")
-    else:
-        _require(sizes is None, "--hierarchical-context-parallel-sizes needs --cp-comm-type a2a+p2p")
-    _require(
-        world_size % (tp * pp * cp) == 0,
-        f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-        f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {tp * pp * cp}",
-    )
-    args.data_parallel_size = world_size // (tp * pp * cp)
+    cp = args.context_parallel_size
+    _require(cp == 1 or not args.no_mst,
+             f"--context-parallel-size {cp} needs MST's attention: megatron-core's local spec "
+             "(--no-mst) has no context parallelism without Transformer Engine; drop --no-mst")
+    args.layout = layout_of(args, world_size)
+    args.layout.check_seq_length(args.seq_length)
+    args.data_parallel_size = args.layout.dp
     per_step = args.micro_batch_size * args.data_parallel_size
     _require(
         args.global_batch_size % per_step == 0,
@@ -191,15 +179,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         f"({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size}) = {per_step}",
     )
     args.num_microbatches = args.global_batch_size // per_step
-    if args.sequence_parallel:
-        _require(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
-        _require(args.seq_length % (tp * cp) == 0,
-                 f"--sequence-parallel: --seq-length {args.seq_length} must be divisible by "
-                 f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp}")
-
     args.virtual_pipeline_model_parallel_size = None
     if args.num_layers_per_virtual_pipeline_stage is not None:
-        _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        _require(args.layout.pp > 1,
+                 "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
 
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
     _require(args.lr_warmup_iters < args.lr_decay_iters,
@@ -238,6 +221,16 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def layout_of(args: argparse.Namespace, world_size: int) -> ParallelLayout:
+    """The parallel layout the flags ask for on ``world_size`` ranks (virtual stages: :func:`check_shape`)."""
+    sizes = args.hierarchical_context_parallel_sizes
+    return ParallelLayout.for_world(
+        world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size,
+        sp=args.sequence_parallel, cp_comm_type=args.cp_comm_type,
+        hierarchical_cp_sizes=None if sizes is None else tuple(sizes),
+    )
+
+
 def check_writable_dir(flag: str, path: str) -> None:
     """``path`` is a folder this process may write into, or one it may create."""
     existing = os.path.abspath(path)
@@ -257,35 +250,21 @@ def check_shape(args: argparse.Namespace, shape) -> None:
     )
     _require(args.rope_scaling_factor is None or shape.rope_scaling,
              "--rope-scaling-factor needs RoPE scaling on: --use-rope-scaling, or rope_scaling true in the model config")
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-        _require(getattr(shape, name) % tp == 0,
-                 f"the model's {name} ({getattr(shape, name)}) is not divisible by --tensor-model-parallel-size {tp}")
-    cp = args.context_parallel_size
-    # the all-to-all around attention trades sequence shards for head shards; the ring does not
-    a2a = {"a2a": cp, "p2p": 1, "a2a+p2p": (args.hierarchical_context_parallel_sizes or [1])[0]}[args.cp_comm_type]
-    if cp > 1 and a2a > 1:
-        what = (f"--context-parallel-size {cp}" if a2a == cp
-                else f"--hierarchical-context-parallel-sizes[0] (the all-to-all part) {a2a}")
-        heads, groups = shape.num_attention_heads // tp, shape.num_query_groups // tp
-        _require(heads % a2a == 0,
-                 f"{what}: the attention heads per tensor-parallel rank (num_attention_heads "
-                 f"{shape.num_attention_heads} / --tensor-model-parallel-size {tp} = {heads}) must be divisible "
-                 "by it; --cp-comm-type p2p (the ring) has no such condition")
-        _require(groups % a2a == 0 or a2a % groups == 0,
-                 f"{what}: the key/value groups per tensor-parallel rank (num_query_groups "
-                 f"{shape.num_query_groups} / --tensor-model-parallel-size {tp} = {groups}) must be divisible by "
-                 "it or divide it; --cp-comm-type p2p (the ring) has no such condition")
-    _require(shape.num_layers % pp == 0,
-             f"the model's num_layers ({shape.num_layers}) is not divisible by --pipeline-model-parallel-size {pp}")
+    layout = args.layout
+    layout.check_heads(shape.num_attention_heads, shape.num_query_groups)
+    _require(shape.ffn_hidden_size % layout.tp == 0,
+             f"the model's ffn_hidden_size ({shape.ffn_hidden_size}) is not divisible by "
+             f"--tensor-model-parallel-size {layout.tp}")
+    layout.check_layers(shape.num_layers)
     per_virtual = args.num_layers_per_virtual_pipeline_stage
     if per_virtual is not None:
-        per_stage = shape.num_layers // pp
+        per_stage = shape.num_layers // layout.pp
         _require(per_stage % per_virtual == 0,
                  f"--num-layers-per-virtual-pipeline-stage {per_virtual} does not divide the "
                  f"{per_stage} layers of each pipeline stage")
         chunks = per_stage // per_virtual
         args.virtual_pipeline_model_parallel_size = chunks if chunks > 1 else None
+        args.layout = dataclasses.replace(layout, vpp=args.virtual_pipeline_model_parallel_size)
 
 
 def shape_overrides(args: argparse.Namespace) -> dict:

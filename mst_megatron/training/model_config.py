@@ -8,7 +8,6 @@ recompute) is not in the file; it comes from the command line through :func:`tra
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -124,12 +123,6 @@ def load_model_shape(name_or_path: str, search_dir: Optional[str] = None) -> Mod
         except json.JSONDecodeError as e:
             raise SetupError(f"--model-config {path}: not valid JSON ({e})") from None
     return _validated(raw, path)
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
-    """Megatron-LM's padding: a multiple of ``divisible_by * TP`` so every TP shard is equal."""
-    multiple = divisible_by * tensor_model_parallel_size
-    return math.ceil(vocab_size / multiple) * multiple
 
 
 def transformer_config(shape: ModelShape, **run_options):

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from mst_megatron.runtime.parallel import destroy_parallel, init_parallel
 from mst_megatron.runtime.quiet import import_megatron_quietly
+from mst_megatron.layout import LayoutError
 from mst_megatron.training import RunError, SetupError, arguments, checkpointing, data, model_config
 from mst_megatron.training.monitor import Monitor, max_over_ranks, peak_memory_bytes
 
@@ -360,7 +361,7 @@ def _vocab_size(shape, tokenizer, args) -> int:
             f"--tokenizer-model has {tokens} tokens, more than the model's vocab_size {shape.vocab_size}"
         )
     vocab = shape.vocab_size or tokens
-    return model_config.padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    return args.layout.padded_vocab_size(vocab, args.make_vocab_size_divisible_by)
 
 
 def _transformer_config(args, shape):
@@ -513,7 +514,7 @@ def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) ->
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     try:
         pretrain(argv, configs_dir)
-    except SetupError as e:
+    except (SetupError, LayoutError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pretrain_gpt_mst.py: error: {e}", file=sys.stderr, flush=True)
         else:  # every rank found it; let rank 0 print before torchrun stops the job on this exit
