@@ -129,7 +129,7 @@ class MiniSequenceLMHead(ColumnParallelLinear):
                 f"labels must have the shape of the input ids [b, s] = [{b}, {s}] (from the hidden "
                 f"state [s, b, h]), got {list(labels.shape)}"
             )
-        # Once per forward on the host (the op would silently give it target logit 0); fake tensors have no values.
+        # Range check once per forward (the op gives a bad label target logit 0); fake tensors have no values.
         if is_fake(labels):
             return
         low, high = torch.stack(torch.aminmax(labels)).tolist()
