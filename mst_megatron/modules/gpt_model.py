@@ -26,14 +26,10 @@ def block_spec_from_layer_spec(config: TransformerConfig, layer_spec: ModuleSpec
 
 
 class MSTGPTModel(GPTModel):
-    """``GPTModel`` with a mini-sequence LM head + vocab-parallel cross-entropy.
-
-    Args: those of ``GPTModel``, plus ``lm_head_mini_sequences`` (int >= 1 or ``"auto"``, see
-    :func:`~mst_megatron.modules.lm_head.lm_head_mini_sequence_count`). Under SP a layer spec gets the
-    SP-aware final norm. ``forward`` keeps the stock contract: with ``labels`` ``[b, s]`` the fp32
-    per-token loss ``[b, s]`` from the vocab-parallel logits (``parallel_output`` does not apply);
-    without labels, or for inference, multi-token prediction and the config logger, the stock path.
-    """
+    """``GPTModel`` with a mini-sequence LM head; extra arg ``lm_head_mini_sequences`` (int >= 1 or
+    ``"auto"``, :func:`~mst_megatron.modules.lm_head.lm_head_mini_sequence_count`). Under SP a layer
+    spec gets the SP-aware final norm. ``forward`` keeps the stock contract: with ``labels [b, s]`` the
+    fp32 per-token loss ``[b, s]`` from the vocab-parallel logits (``parallel_output`` does not apply)."""
 
     def __init__(
         self,

@@ -9,8 +9,7 @@ __all__ = ["MiniSequenceColumnParallelLinear"]
 
 
 class MiniSequenceColumnParallelLinear(ColumnParallelLinear):
-    """Under SP, the stock layer on chunks of about ``input_size`` gathered tokens, outputs in gathered
-    order; the stock layer otherwise. Parameters and state dicts are the stock layer's."""
+    """The stock layer (parameters, state dicts), under SP run on chunks of ~``input_size`` gathered tokens."""
 
     def num_chunks(self, local_length: int) -> int:
         """Chunks of a local sequence of ``local_length`` tokens (1 without sequence parallelism)."""
@@ -19,7 +18,7 @@ class MiniSequenceColumnParallelLinear(ColumnParallelLinear):
         return local_chunk_count(AUTO, type(self).__name__, local_length, self.tp_group.size(), self.input_size)
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
-        """``[s_local, b, h]`` -> ``(output [s, b, n/TP], output_bias or None)``, like the stock layer."""
+        """``[s_local, b, h]`` -> ``(output [s, b, n/TP] in gathered order, output_bias or None)``."""
         num_chunks = self.num_chunks(input_.size(0))
         if num_chunks == 1:
             return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
@@ -27,4 +26,4 @@ class MiniSequenceColumnParallelLinear(ColumnParallelLinear):
         for chunk in torch.split(input_, chunk_sizes(input_.size(0), num_chunks)):
             output, output_bias = super().forward(chunk, weight=weight, runtime_gather_output=runtime_gather_output)
             outputs.append(output.unflatten(0, (self.tp_group.size(), chunk.size(0))))  # [TP, chunk, ...]
-        return torch.cat(outputs, dim=1).flatten(0, 1), output_bias  # rank 0's rows, rank 1's, ...
+        return torch.cat(outputs, dim=1).flatten(0, 1), output_bias

@@ -1,5 +1,4 @@
-"""Chunk counts and sizes for every chunked op: counts from shapes equal on all ranks of a group,
-every token in exactly one chunk (docs/design.md#chunking)."""
+"""Chunk counts and sizes shared by every chunked op (invariants: docs/design.md#chunking)."""
 
 import math
 from typing import List, Union

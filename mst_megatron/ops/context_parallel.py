@@ -1,5 +1,4 @@
-"""Ulysses context parallelism as autograd ops: all-to-alls between megatron's load-balanced sequence
-shards and head shards (docs/design.md#all-to-all); every rank of the group passes the same shape."""
+"""Ulysses CP as autograd ops: load-balanced sequence shards <-> head shards (docs/design.md#all-to-all)."""
 
 import torch
 import torch.distributed as dist
@@ -14,7 +13,7 @@ def load_balanced_order(cp: int) -> torch.Tensor:
 
 
 class _AllToAll(torch.autograd.Function):
-    """Block ``j`` of dim 0 goes to rank ``j`` and comes back from it; its own inverse, hence backward."""
+    """Block ``j`` of dim 0 goes to rank ``j`` (same shape on every rank); its own inverse, so backward too."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
