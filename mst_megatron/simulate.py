@@ -6,35 +6,10 @@ from the real model code, without computing anything.
         --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 --gpu-memory-gib 80
     python -m mst_megatron.simulate ... --seq-length auto      # the longest sequence that fits
 
-The pretraining example's own pieces run, with its flags (:mod:`mst_megatron.training.arguments`):
-megatron-core's model (stock or MST), ``DistributedDataParallel``, ``get_megatron_optimizer`` and
-the pipeline schedule of ``get_forward_backward_func``, inside torch's ``FakeTensorMode`` (tensors
-with shapes and dtypes, no data) on torch's ``fake`` process group (one process plays any rank of
-any layout; collectives return the right shapes). ``MemTracker`` records the peak of every tensor
-storage, ``FlopCounterMode`` the matrix FLOPs.
-
-What is simulated, and what is not:
-
-* One steady-state step: Adam's state (two fp32 moments per parameter, the fp32 master weights under
-  ``--bf16``) exists before it, as at every step after the first; the step runs the micro-batches
-  through megatron's schedule (forward, recompute, backward). The optimizer's update itself is not
-  run (its ``step()`` reads the gradient norm and the ``found_inf`` flag on the host): it adds
-  element-wise temporaries only.
-* The device is a fake **CPU** device under the CPU compatibility layer: backward on fake CUDA
-  tensors needs a CUDA device guard, which neither a CPU-only nor a GPU-less CUDA build of torch has
-  (``PyTorch is not linked with support for cuda devices`` / ``hasPrimaryContext expects a valid
-  device index``). The model takes its CPU paths there: SDPA's flash kernel (saves the output and
-  log-sum-exp, as CUDA's), the LM head's vocab blocks (views, no extra memory).
-* No gloo groups (the optimizer's gloo data-parallel group is the fake one); megatron's RNG tracker's ``fork()`` (which compares host RNG states) is a no-op, parameters are
-  not initialized, and ``nn.Module._apply`` (dtype casts, e.g. ``Float16Module``) sets
-  ``param.data`` instead of swapping tensors (torch refuses to swap fake tensors).
-* Memory the dispatcher does not see (allocator rounding and fragmentation, kernel workspaces,
-  communication buffers, the CUDA context) is not counted: leave a margin (``--reserve``).
-* Under fake tensors the LM head assumes a mean loss (see
-  :func:`mst_megatron.ops.linear_cross_entropy.linear_cross_entropy`).
-
-The busiest rank: every pipeline stage is simulated (the first holds the most activations under
-1F1B, the last the LM head) and the one with the highest peak is reported.
+The pretraining job's model, DDP, optimizer and schedule run under ``FakeTensorMode`` on torch's
+``fake`` process group, one steady-state step per pipeline stage; the busiest stage is reported.
+Not counted: the optimizer's update and memory the dispatcher does not see (leave ``--reserve``).
+Method and assumptions: docs/design.md#simulator.
 """
 
 import argparse
@@ -145,14 +120,12 @@ def _simulation_bridges():
              ps.get_expert_data_parallel_group_gloo, dist.all_gather_object)
     torch.nn.Module._apply = _module_apply
     tp_random.CudaRNGStatesTracker.fork = lambda self, *a, **k: contextlib.nullcontext()
-    # No gloo groups on the fake backend: the optimizer gets the (fake) data-parallel group instead
-    # (megatron uses the gloo one only to gather a distributed optimizer's state for checkpoints).
+    # No gloo groups on the fake backend: the optimizer gets the fake data-parallel group instead.
     ps.get_data_parallel_group_gloo = lambda with_context_parallel=False, partial_data_parallel=False: \
         ps.get_data_parallel_group(with_context_parallel=with_context_parallel,
                                    partial_data_parallel=partial_data_parallel)
     ps.get_expert_data_parallel_group_gloo = lambda **kwargs: ps.get_expert_data_parallel_group(**kwargs)
-    # Pickled objects cannot travel through fake tensors: every rank is taken to hold this rank's
-    # object (megatron gathers the optimizer's parameter-group keys, the same on every rank).
+    # Objects cannot travel through fake tensors: every rank is taken to hold this rank's (they agree).
     dist.all_gather_object = lambda out, obj, group=None: out.__setitem__(slice(None), [obj] * len(out))
     try:
         yield

@@ -4,27 +4,8 @@
 node) that the model shape and sequence length allow, estimates its per-GPU peak memory with
 :func:`estimate_memory`, and ranks the ones that fit.
 
-The memory model is an estimate on paper, not a measurement. Its assumptions:
-
-* bf16 weights (2 bytes/param), fp32 gradient buffers (4, megatron DDP with
-  ``grad_reduce_in_fp32``), Adam with fp32 master weights and two moments (12), the latter split
-  over the data- and context-parallel ranks with the distributed optimizer;
-* the worst pipeline stage: its share of the layers plus the embedding (first stage) or the
-  output layer and final norm (last stage), all divided by TP (the vocabulary is TP-sharded);
-* full activation recomputation, sequence parallelism whenever TP > 1, micro-batch size 1, and the
-  1F1B schedule, so the first stage keeps PP micro-batches of layer inputs: in all, ``num_layers``
-  layer inputs of ``[S / (CP x TP), h]`` each;
-* on top of that, the larger of two working sets: one layer's recompute with flash attention (the
-  output projection's whole-sequence partial sums before their reduce-scatter, QKV, attention output,
-  the context-parallel exchange's buffers, one MST chunk of the MLP, each with its gradient), or the
-  MST LM head (its input shard, one SP-gathered chunk of it and that chunk's fp32 logits, each with
-  its gradient, and its fp32 weight-gradient sum);
-* the context-parallel exchange (``cp_comm_type``): "a2a" holds head-sharded copies of Q, K, V and
-  the context (as many numbers as the sequence-sharded ones); "p2p" (the ring) holds the key/value
-  shard in use and the one arriving, their gradients' two in backward, and fp32 output and
-  log-sum-exp accumulators;
-* no allowance for the allocator's fragmentation, communication buffers or the CUDA context: that
-  is what ``reserve`` (a share of the GPU kept free) is for.
+The memory model is an estimate on paper, not a measurement; its assumptions are in
+``docs/design.md`` (planner memory model).
 """
 
 import math
@@ -74,7 +55,7 @@ class Estimate:
 def estimate_memory(shape, seq_length: int, layout: ParallelLayout,
                     mlp_mini_sequences: ChunkCount = AUTO, lm_head_mini_sequences: ChunkCount = AUTO,
                     distributed_optimizer: bool = True) -> Estimate:
-    """Per-GPU peak memory of ``layout`` under the assumptions of the module docstring."""
+    """Per-GPU peak memory of ``layout`` (the model in ``docs/design.md``, planner memory model)."""
     tp, pp, cp, dp = layout.tp, layout.pp, layout.cp, layout.dp
     h, L, ffn = shape.hidden_size, shape.num_layers, shape.ffn_hidden_size
     vocab = layout.padded_vocab_size(shape.vocab_size)
@@ -214,7 +195,7 @@ def build_parser():
 
     p = argparse.ArgumentParser(
         description="Suggest a TP/PP/CP/SP layout with MST counts and the per-GPU memory it expects "
-                    "(an estimate on paper: see mst_megatron/launch/plan.py for its assumptions).",
+                    "(an estimate on paper: docs/design.md lists its assumptions).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", required=True, help="model JSON: a path, or a name from examples/configs")

@@ -1,15 +1,9 @@
-"""Counting the matrix products and FLOPs a step computes (real or fake tensors), for tests and tools.
+"""Counting the matrix products and FLOPs a step computes, on real or fake tensors.
 
-* :class:`GemmLog` records the shape of every matrix product actually computed inside it (a product
-  that :class:`~mst_megatron.ops.mini_sequence.GemmsLeftEmpty` leaves uncomputed never reaches it).
-* :func:`count_flops` is torch's ``FlopCounterMode`` with the CPU flash-attention kernels that
-  ``scaled_dot_product_attention`` uses on a CPU counted too (torch counts only the CUDA ones), with
-  torch's own SDPA formulas, by default halved for causal attention (a flash kernel skips the masked
-  blocks; torch's CUDA counts are dense). Only matrix products and attention count: no elementwise
-  work.
-
-Under ``torch._subclasses.FakeTensorMode`` both work on tensors without data, so full-size models
-(Llama-3-8B's shape at S = 32K) are counted on a small CPU in seconds.
+:class:`GemmLog` records every matrix product actually computed (not those
+:class:`~mst_megatron.ops.mini_sequence.GemmsLeftEmpty` skips); :func:`count_flops` is torch's
+``FlopCounterMode`` plus the CPU flash-attention kernels, by default halved for causal attention.
+Only matrix products and attention count (docs/design.md#measurement).
 """
 
 from typing import Callable, Dict, List, Tuple

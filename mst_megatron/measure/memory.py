@@ -1,37 +1,10 @@
 """Peak-memory measurement for benchmarks, on CPU or GPU, around ``torch``'s ``MemTracker``.
 
-``MemTracker`` is a ``TorchDispatchMode``: it sees every tensor an ATen op returns inside the context,
-follows each storage with a weak reference until it is freed, and records the per-device total (and
-its breakdown by category) at its highest point. Tensors that exist before the step are counted only
-if passed to ``track_external`` (here: ``modules_or_tensors`` and ``optimizer``).
-
-What it sees and how it labels it (checked in ``tests/test_ops_mini_sequence.py`` against the CPU
-allocator's own record from ``torch.profiler``):
-
-* Categories are assigned when a storage is first seen: ``ACT`` for anything created outside autograd's
-  backward, ``TEMP`` for anything created inside it (activation gradients, recomputed activations of a
-  checkpointed function that is not an ``nn.Module`` call, and weight gradients until they are
-  accumulated), ``GRAD`` once a parameter's gradient has been accumulated (grad hooks are installed on
-  modules that run inside the step), ``OPT`` inside ``optimizer.step``, ``OTH`` for external tensors.
-  An input's ``.grad`` stays ``TEMP`` (only parameters get ``GRAD``). Recomputed activations count as
-  ``ACT`` only when the recompute runs an ``nn.Module``'s forward. The ``total`` does not depend on
-  the labels.
-* The breakdown returned is the snapshot at the moment the total peaked (it sums to ``total``), not the
-  per-category maxima.
-* Memory that bypasses the dispatcher (kernel workspaces, allocator rounding and caching, CUDA
-  context) is not seen; ``allocator=True`` adds the allocator-level figure from ``torch.profiler`` as
-  a cross-check.
-* The allocator figure counts frees as well as allocations, so memory that existed before the step
-  and is freed during it lowers it; :func:`measure_peak` runs ``gc.collect()`` before the step so
-  that leftover garbage is not freed mid-step. The tracker itself leaves reference cycles (its hooks
-  and autograd nodes) that keep some tensors alive until the next collection; ``gc.collect()`` runs
-  after the step too. Running the step under the tracker does not change the allocator's peak (seen
-  for the SwiGLU test: the same bytes with and without it).
-* Stock ``MemTracker`` raises ``NotImplementedError`` when a module is called twice at top level in one
-  context (it takes that for a second iteration). A mini-sequence op calls its function once per chunk,
-  so :func:`measure_peak` uses a subclass that accepts repeated calls (those calls' per-module snapshots
-  are skipped; the global peak is unaffected). The subclass also accepts megatron's DDP wrapper, whose
-  ``buffers`` attribute is a list (its gradient buffers) rather than ``Module.buffers()``.
+Categories are assigned when a storage is first seen (``ACT`` outside autograd's backward, ``TEMP``
+inside it, ``GRAD`` once a parameter's gradient is accumulated, ``OPT`` in ``optimizer.step``,
+``OTH`` for tensors that existed before the step); the breakdown is the snapshot at the total's peak.
+Memory that bypasses the dispatcher is not seen (``allocator=True`` adds the allocator's figure).
+Method and caveats: docs/design.md#measurement.
 """
 
 import gc
@@ -53,13 +26,11 @@ class _StepMemTracker(MemTracker):
         try:
             super()._pre_fw_hook(module, inputs)
         except NotImplementedError:
-            # Raised only for a second top-level forward of an already-seen module; its parameters and
-            # grad hooks were set up on the first call, and dispatch-level tracking is unaffected.
+            # A second top-level forward of a seen module (a chunked op): already tracked.
             pass
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-        # megatron's DistributedDataParallel shadows Module.buffers() with its list of gradient
-        # buffers; its parameters and buffers are those of the module it wraps.
+        # megatron's DDP shadows Module.buffers() with its gradient buffers: track the wrapped module.
         if not callable(module.buffers):
             module = module.module
         return super()._track_module_params_and_buffers(module, install_grad_hooks)

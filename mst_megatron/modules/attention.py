@@ -1,39 +1,11 @@
-"""Core attention on ``torch.nn.functional.scaled_dot_product_attention``, for the MST layer spec.
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` for the MST layer spec: a
+drop-in for ``DotProductAttention`` (no parameters) that never builds the ``[b, heads, s, s]`` scores.
 
-A drop-in for megatron-core's ``DotProductAttention`` (same constructor and forward signature, no
-parameters, so state dicts are unchanged) that never builds the ``[b, heads, s, s]`` score tensor:
-SDPA dispatches to flash-style kernels on CPU and GPU that keep only the output and the per-row
-log-sum-exp. Long mini-sequence runs need this; the stock local attention's scores grow as ``s^2``
-and dominate memory long before the MLP does.
-
-Supported: causal and unmasked self-attention; grouped-query attention (SDPA's ``enable_gqa``, K/V not
-expanded, wherever the kernel SDPA picks supports it; otherwise K/V are expanded to the query heads,
-which costs memory linear in s rather than a fall-back to the quadratic math kernel); attention
-dropout drawn from the RNG stream ``DotProductAttention`` draws it from; context parallelism (below).
-Refused with a clear error: other mask types, packed sequences, attention bias, sliding windows and
-non-vanilla softmax.
-
-Context parallelism (``context_parallel_size = cp > 1``): each rank holds a load-balanced shard of
-the sequence (megatron's ``get_batch_on_this_cp_rank`` layout), exchanged as megatron's
-``cp_comm_type`` says:
-
-* ``"a2a"`` (the default; ``None`` is taken as it): :mod:`mst_megatron.ops.context_parallel`
-  all-to-alls the queries, keys and values to the whole sequence for ``1/cp`` of this TP rank's
-  heads, in natural order, SDPA runs on that (causal = the plain lower triangle), and the context
-  goes back to the sequence shard. Needs the heads per TP rank divisible by ``cp``; the key/value
-  groups per TP rank either divisible by ``cp`` too, or dividing it, in which case each group is
-  replicated ``cp / groups`` times before the exchange (its gradients sum back through the
-  replication).
-* ``"p2p"``: :func:`mst_megatron.ops.ring_attention.ring_attention`, the keys and values travelling
-  around the CP ring; no condition on the heads, so ``tp * cp`` may exceed the head count.
-* ``"a2a+p2p"``: ``hierarchical_context_parallel_sizes = [a, p]`` (``a * p = cp``; megatron's
-  hierarchical groups, level 0 the ``a`` consecutive CP ranks, level 1 the ring across them): the
-  all-to-all inside the level-0 group (its conditions with ``a`` for ``cp``), whose gathered
-  sequence is the load-balanced shard of a ``p``-rank ring, then the ring across level 1.
-
-Memory caveat: torch's CPU flash kernel has no dropout, so with ``attention_dropout > 0`` on CPU SDPA
-falls back to its math kernel, which does materialise the scores (a warning says so once). GPU kernels
-support dropout.
+Supported: causal and unmasked self-attention, grouped-query attention, attention dropout (not with
+the ring), context parallelism with ``cp_comm_type`` ``"a2a"`` (default; ``None`` is taken as it),
+``"p2p"`` and ``"a2a+p2p"``. Refused with a ``ValueError``: other mask types, packed sequences,
+attention bias, sliding windows, non-vanilla softmax. Design: docs/design.md#attention and
+docs/design.md#context-parallelism.
 """
 
 import contextlib
@@ -102,13 +74,10 @@ class SDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
         self.pg_collection = pg_collection
-        # None: 1/sqrt(head dim), resolved from the query in forward. megatron's
-        # apply_query_key_layer_scaling divides the scale by layer_number and multiplies the scores
-        # back before the softmax: the same math, so it needs no counterpart here.
+        # None: 1/sqrt(head dim). apply_query_key_layer_scaling is the same math, so it needs nothing here.
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        # Context parallelism: the all-to-all group (None: none), the ring group (None: none) and how
-        # often to replicate each K/V group before the all-to-all.
+        # CP: all-to-all group, ring group (None: not used) and K/V replication before the all-to-all.
         self.a2a_group, self.ring_group, self.kv_replicas = None, None, 1
         if config.context_parallel_size > 1:
             layout = _context_parallel_layout(config, cp_comm_type)
@@ -142,8 +111,7 @@ class SDPAttention(MegatronModule):
         if dropout_p == 0.0:
             return self._attend(query, key, value, causal, dropout_p)
         _warn_cpu_dropout(query)
-        # Draw the mask where DotProductAttention does: from the tracker's model-parallel stream
-        # (seeded per TP rank, whose heads differ), or the default stream under sequence parallelism.
+        # The mask's RNG stream is DotProductAttention's: the tracker's, or the default one under SP.
         if self.config.sequence_parallel:
             rng = contextlib.nullcontext()
         else:
@@ -178,8 +146,7 @@ def _sdpa(query, key, value, causal: bool, dropout_p: float, softmax_scale) -> t
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.size(-1))
     gqa = q.size(1) != k.size(1)
     if gqa and _sdpa_backend(q, k, v, dropout_p, causal, scale) == SDPBackend.MATH.value:
-        # Some fused kernels (e.g. older CUDA memory-efficient ones) lack native GQA: expanding
-        # K/V (query-sized, linear in s) keeps them eligible instead of the quadratic math kernel.
+        # A fused kernel without native GQA: expanded K/V (linear in s) beat the quadratic math kernel.
         k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
         gqa = False
     context = F.scaled_dot_product_attention(

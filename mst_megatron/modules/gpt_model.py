@@ -1,10 +1,5 @@
-"""``MSTGPTModel``: megatron-core's ``GPTModel`` whose training loss never materialises the logits.
-
-The model, its parameters and checkpoints are the stock ones; only the output layer is promoted to
-:class:`~mst_megatron.modules.lm_head.MiniSequenceLMHead`, and ``_postprocess`` hands it the labels so
-that it computes the per-token loss in mini-sequences. Anything that needs the logits themselves
-(no labels, inference, multi-token prediction, the config logger's logits dump) takes the stock path.
-"""
+"""``MSTGPTModel``: megatron-core's ``GPTModel`` whose training loss never materialises the logits
+(docs/design.md#model-and-specs)."""
 
 from typing import Optional
 
@@ -23,32 +18,18 @@ __all__ = ["MSTGPTModel", "block_spec_from_layer_spec"]
 
 def block_spec_from_layer_spec(config: TransformerConfig, layer_spec: ModuleSpec, final_norm: Optional[type] = None,
                                vp_stage: Optional[int] = None, pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
-    """The block megatron's ``TransformerBlock`` builds from a layer spec (this pipeline stage's
-    layers), with ``final_norm`` (default: the SP-aware norm of ``config.normalization``) instead of
-    megatron's, which refuses sequence parallelism."""
+    """This pipeline stage's layers of ``layer_spec`` with ``final_norm`` (default: the SP-aware norm of
+    ``config.normalization``; megatron's own refuses SP)."""
     final_norm = NORMS[config.normalization] if final_norm is None else final_norm
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)
 
 
 class MSTGPTModel(GPTModel):
-    """``GPTModel`` with a mini-sequence LM head + vocab-parallel cross-entropy.
-
-    Args: those of ``GPTModel``, plus
-        lm_head_mini_sequences: int >= 1, or ``"auto"`` (default): ``ceil(V/TP / hidden_size)``
-            chunks of at least ``hidden_size / 4`` tokens, so the one ``[s*b/M, V/TP]`` fp32 block of
-            logits alive at a time is about the hidden state's size (see
-            :class:`~mst_megatron.modules.lm_head.MiniSequenceLMHead`). Derived from global shapes
-            (the same on every TP/SP/CP rank), clamped to the token count.
-
-    With ``sequence_parallel=True`` a layer spec is built into the block with the SP-aware final
-    norm of ``config.normalization`` (megatron's own final norm refuses SP).
-
-    ``forward`` keeps the stock contract. With ``labels`` ``[b, s]``: the per-token loss ``[b, s]`` in
-    fp32, computed chunk by chunk from the vocab-parallel logits (``runtime_gather_output`` and
-    ``parallel_output=False`` do not apply to it: gathered logits would add log(TP) to the loss).
-    Without labels: the stock logits.
-    """
+    """``GPTModel`` with a mini-sequence LM head; extra arg ``lm_head_mini_sequences`` (int >= 1 or
+    ``"auto"``, :func:`~mst_megatron.layout.head_chunk_count`). Under SP a layer
+    spec gets the SP-aware final norm. ``forward`` keeps the stock contract: with ``labels [b, s]`` the
+    fp32 per-token loss ``[b, s]`` from the vocab-parallel logits (``parallel_output`` does not apply)."""
 
     def __init__(
         self,
@@ -60,10 +41,8 @@ class MSTGPTModel(GPTModel):
         lm_head_mini_sequences: ChunkCount = AUTO,
         **kwargs,
     ) -> None:
-        # Checked before anything is built, on every pipeline stage alike.
-        lm_head_mini_sequences = check_head_options(config, lm_head_mini_sequences)
+        lm_head_mini_sequences = check_head_options(config, lm_head_mini_sequences)  # on every stage, first
         if config.sequence_parallel and isinstance(transformer_layer_spec, ModuleSpec):
-            # megatron's TransformerBlock would add its own final norm, which refuses SP.
             transformer_layer_spec = block_spec_from_layer_spec(config, transformer_layer_spec,
                                                                 vp_stage=kwargs.get("vp_stage"))
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, *args, **kwargs)

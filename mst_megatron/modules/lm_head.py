@@ -1,21 +1,5 @@
 """Mini-sequence LM head: megatron's output ``ColumnParallelLinear`` that, given labels, returns the
-per-token loss without ever holding the logits.
-
-Stock ``GPTModel`` computes ``[s, b, V/TP]`` logits and then the vocab-parallel cross-entropy (which
-keeps an fp32 softmax of the same size). With labels, this head instead runs
-:func:`mst_megatron.ops.linear_cross_entropy.linear_cross_entropy`: one chunk of logits
-(``[T/M, V/TP]`` fp32) alive at a time, the gradients formed chunk by chunk in forward and scaled by
-the upstream gradient in backward (stock's three logits GEMMs; the tokens whose upstream gradient
-differs from the common value are recomputed). Under sequence parallelism the op all-gathers the
-hidden state one chunk at a time, so no rank holds the gathered hidden state of the whole sequence or
-its gradient. Without labels it is the stock layer, bit for bit.
-
-The chunk loop runs inside this module's ``forward`` so that megatron DDP's overlapped parameter
-all-gather, which waits in a forward pre-hook of the module that owns the weight, has finished before
-the first chunk. It is the stock layer object promoted to this class (:meth:`MiniSequenceLMHead.adopt`),
-so parameters, their attributes (tied-embedding and DDP marks), ``state_dict`` and
-``sharded_state_dict`` keys are the stock ones.
-"""
+per-token loss without holding the logits (docs/design.md#lm-head-and-cross-entropy)."""
 
 from typing import Optional
 
@@ -49,23 +33,16 @@ def check_head_options(config: TransformerConfig, mini_sequences: ChunkCount) ->
 class MiniSequenceLMHead(ColumnParallelLinear):
     """``ColumnParallelLinear`` whose ``forward(..., labels=...)`` returns the per-token loss ``[b, s]``.
 
-    ``mini_sequences``: int >= 1, or ``"auto"`` (:func:`mst_megatron.layout.head_chunk_count`): a chunk's fp32
-    logits ``[T/M, V/TP]`` about the size of the hidden state, e.g. 32 chunks of 256 tokens for
-    Llama-3's vocabulary at hidden 1024 and 8K tokens (128 MiB of logits against 3.9 GiB). Under
-    sequence parallelism each chunk is a slice of the local shard, all-gathered over TP inside the op.
-    The count depends only on global shapes (hidden size, vocab shard and the TP group's token count),
-    so every rank of the TP group runs the same chunks.
+    ``mini_sequences``: int >= 1 or ``"auto"`` (:func:`mst_megatron.layout.head_chunk_count`), from
+    shapes equal on every TP rank. Without labels: the stock layer, bit for bit.
     """
 
     mini_sequences: ChunkCount  # set by adopt()
 
     @classmethod
     def adopt(cls, layer: ColumnParallelLinear, mini_sequences: ChunkCount = AUTO) -> "MiniSequenceLMHead":
-        """Promote megatron's own output layer to this class in place and return it.
-
-        ``GPTModel.__init__`` builds the head itself; promoting that very object keeps its weight
-        (and every attribute megatron set on it) instead of rebuilding and re-wiring one.
-        """
+        """Promote megatron's own bias-free output layer to this class in place (weight, attributes and
+        state-dict keys kept) and return it; ``TypeError``/``ValueError`` for another layer."""
         if type(layer) is not ColumnParallelLinear:
             raise TypeError(f"layer must be a megatron ColumnParallelLinear, got {type(layer).__name__}")
         if layer.bias is not None:
@@ -88,11 +65,8 @@ class MiniSequenceLMHead(ColumnParallelLinear):
         runtime_gather_output: Optional[bool] = None,
         labels: Optional[torch.Tensor] = None,
     ):
-        """Without ``labels``: the stock ``(logits, bias)``. With ``labels``: ``(loss [b, s] fp32, None)``.
-
-        On the loss path ``runtime_gather_output`` is ignored: the loss always comes from the
-        vocab-parallel logits (gathered logits would add log(TP) to it, megatron issue 7452).
-        """
+        """Without ``labels``: the stock ``(logits, bias)``. With ``labels``: ``(loss [b, s] fp32, None)``,
+        from the vocab-parallel logits whatever ``runtime_gather_output`` (megatron issue 7452)."""
         if labels is None:
             return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
         return self.per_token_loss(input_, labels, weight), None
@@ -104,12 +78,10 @@ class MiniSequenceLMHead(ColumnParallelLinear):
         global token ids in ``[0, vocab)``; returns the per-token loss ``[b, s]`` in fp32."""
         weight = self._head_weight(weight)
         self._check_labels(input_, labels)
-        # Under SP the op gathers the shard chunk by chunk and returns the complete dh. Otherwise
-        # megatron's region function all-reduces the op's partial dh over TP in backward.
+        # Under SP the op returns the complete dh; otherwise the region all-reduces its partial over TP.
         hidden = input_ if self.sequence_parallel else copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
         s_local, b, h = hidden.shape
-        # Row i * b + j of the flattened [s, b] tokens is position i of sequence j: labels transposed.
-        # Under SP that is also the order of the TP ranks' flattened shards one after the other.
+        # Row i * b + j is position i of sequence j (labels transposed); under SP, TP shards in rank order.
         loss = linear_cross_entropy(
             hidden.reshape(s_local * b, h),
             weight,
@@ -143,9 +115,7 @@ class MiniSequenceLMHead(ColumnParallelLinear):
                 f"labels must have the shape of the input ids [b, s] = [{b}, {s}] (from the hidden "
                 f"state [s, b, h]), got {list(labels.shape)}"
             )
-        # One host-side check per forward, not per chunk: the op would silently give an out-of-range
-        # label a target logit of 0 (as megatron's cross-entropy does), i.e. a wrong loss. Fake
-        # tensors (FLOP and memory simulation) have no values to check.
+        # Range check once per forward (the op gives a bad label target logit 0); fake tensors have no values.
         if is_fake(labels):
             return
         low, high = torch.stack(torch.aminmax(labels)).tolist()

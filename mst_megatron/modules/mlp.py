@@ -1,16 +1,5 @@
-"""Mini-sequence MLP: megatron-core's ``MLP``, run over the sequence in chunks recomputed in backward.
-
-The MLP is per-token, so running fc1 -> activation -> fc2 on ``M`` slices of the sequence and
-concatenating is exact. :func:`mst_megatron.ops.mini_sequence.mini_sequence_apply` does the chunking
-and the per-chunk recompute (only one chunk's intermediates alive in forward and in backward); this
-module only decides ``M`` and hands it the stock ``MLP.forward``. Parameters, ``state_dict`` and
-``sharded_state_dict`` are the stock ones, so checkpoints move freely between the two.
-
-Under tensor parallelism each chunk runs the stock column -> row pair, so each chunk does the same
-collectives as the whole (under sequence parallelism: an all-gather and a reduce-scatter of a chunk of
-the local shard). Every rank of the group must therefore run the same ``M``: it is derived from the
-local sequence length, which is equal on all ranks of a TP/SP/CP group.
-"""
+"""Mini-sequence MLP: megatron-core's ``MLP`` run over the sequence in chunks recomputed in backward,
+with the stock parameters and state dicts (docs/design.md#mlp-under-full-recompute)."""
 
 from typing import Optional
 
@@ -32,15 +21,12 @@ PARAM = "mlp_mini_sequences"
 
 
 class MiniSequenceMLP(MLP):
-    """``MLP`` whose forward runs in ``mlp_mini_sequences`` chunks of the sequence (see module doc).
+    """``MLP`` whose forward runs in :meth:`num_chunks` chunks of the local sequence.
 
     Args (besides ``MLP``'s):
-        mlp_mini_sequences: int >= 1, or ``"auto"``: chunks of about ``hidden_size`` tokens of the
-            sequence the MLP computes on (the local sequence, times the TP size under sequence
-            parallelism, since fc1 all-gathers it), i.e. ``ceil(s_local * sp / hidden_size)``. This
-            keeps one chunk's ``[tokens, ffn]`` intermediate about the size of an ``[s, h]``
-            activation, the rule of the MST paper's code. Either way the count is clamped to the
-            local length (one token per chunk at most), and ``1`` is the stock path.
+        mlp_mini_sequences: int >= 1 or ``"auto"`` (``ceil(s_local * sp / hidden_size)``, ``sp`` the
+            TP size under SP, else 1); clamped to the local length; ``1`` is the stock path.
+    Raises ``ValueError`` for MoE, ``tp_comm_overlap`` or fine-grained activation offloading.
     """
 
     def __init__(
@@ -59,8 +45,7 @@ class MiniSequenceMLP(MLP):
         _check_config(config, is_expert)
         mlp_mini_sequences = validate_chunk_count(mlp_mini_sequences, PARAM)
         if tp_group is None:
-            # megatron-core 0.19's TransformerLayer hands every MLP spec its pg_collection; 0.16's
-            # passes an MLP subclass only `config`, so there the default TP group is used.
+            # megatron-core 0.16 passes an MLP subclass only `config`: the default TP group then.
             tp_group = parallel_state.get_tensor_model_parallel_group() if pg_collection is None else pg_collection.tp
         super().__init__(
             config,
@@ -94,19 +79,8 @@ class MiniSequenceMLP(MLP):
                                    outputs_unread=self._in_layer_recompute_ending_checkpoint())
 
     def _in_layer_recompute_ending_checkpoint(self) -> bool:
-        """True while megatron's full recompute re-runs this MLP's layer in backward and the layer is
-        the only one in its checkpoint (``recompute_method="block"``, or ``"uniform"`` with
-        ``recompute_num_layers=1``).
-
-        Then the MLP (with the bias-dropout-add after it) is the last thing in the checkpoint: its
-        output values are never read, only the graph is back-propagated, so the chunks skip their
-        GEMMs there and compute once, in their own recompute (11 GEMM units per layer and step
-        against stock's 12; the README's "Full recompute" section). With several layers per checkpoint
-        the next layer reads the output, so every MLP there keeps the full recompute. Recompute
-        phase: megatron's ``CheckpointFunction`` sets ``is_checkpointing()`` in its forward (under
-        ``no_grad``) and in its backward's re-run (under ``enable_grad``); a layer outside any
-        checkpoint (``block``'s remaining layers) sees it unset.
-        """
+        """True while megatron's full recompute re-runs this layer in backward and it is alone in its
+        checkpoint: the MLP's output values are then unread (docs/design.md#mlp-under-full-recompute)."""
         config = self.config
         one_layer_per_checkpoint = config.recompute_method == "block" or config.recompute_num_layers == 1
         return (
@@ -117,14 +91,8 @@ class MiniSequenceMLP(MLP):
         )
 
     def _recompute_without_fc2_gemm(self, hidden_states: torch.Tensor):
-        """The stock forward for a chunk's recompute, with fc2's GEMM left uncomputed.
-
-        The recompute only has to rebuild what backward reads: fc1's output (for the activation's
-        backward) and fc2's input and weight (for fc2's). fc2's output is never read, so megatron's
-        ``RowParallelLinear`` runs with its product left as an empty tensor of the right shape, and
-        the recompute costs fc1 alone: 2 of the MLP's 3 forward GEMM units (SwiGLU fc1 is ``h x 2F``,
-        fc2 ``F x h``), not 3. Its TP reduction of that output still runs (the result is dropped).
-        """
+        """The stock forward for a chunk's recompute with fc2's product left uncomputed: backward reads
+        fc2's input and weight, never its output. Saves the same tensors as the stock forward."""
         fc2 = self.linear_fc2
         fc2_forward = fc2.forward
 

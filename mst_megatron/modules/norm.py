@@ -1,12 +1,5 @@
-"""RMSNorm and LayerNorm that work under sequence parallelism, for the MST layer spec.
-
-megatron-core's local spec builds ``WrappedTorchNorm``, which refuses ``sequence_parallel``. A norm is
-per-token, so under SP it is already correct on the local sequence shard; what SP needs is that each
-TP rank's weight gradient (from its own tokens only) be summed over the TP group. megatron's
-``finalize_model_grads`` does that for every parameter marked ``sequence_parallel=True``, the mark its
-own fused norms set. These classes are torch's norms with megatron's norm constructor and that mark, so
-the math, parameter names and state-dict keys are those of the stock local spec.
-"""
+"""torch's RMSNorm and LayerNorm built like megatron norms, with weights marked for SP's TP gradient
+all-reduce; math and state-dict keys of the stock local spec (docs/design.md#norms)."""
 
 from typing import Optional
 

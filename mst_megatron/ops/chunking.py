@@ -1,9 +1,4 @@
-"""Mini-sequence bookkeeping shared by every chunked op.
-
-Chunk counts must be identical on every rank that joins a collective inside a chunk, so they are
-always derived from global shapes, and every token lands in exactly one chunk (no ``S // M`` tail
-drop).
-"""
+"""Chunk counts and sizes shared by every chunked op (invariants: docs/design.md#chunking)."""
 
 import math
 from typing import List, Union
@@ -22,11 +17,8 @@ def validate_chunk_count(value: ChunkCount, name: str) -> ChunkCount:
 
 
 def resolve_chunk_count(value: ChunkCount, name: str, length: int, auto_tokens_per_chunk: int) -> int:
-    """Number of mini-sequences for a sequence of ``length`` tokens.
-
-    ``"auto"`` gives chunks of about ``auto_tokens_per_chunk`` tokens. An explicit count larger than
-    ``length`` is clamped to ``length`` (one token per chunk), never rounded away.
-    """
+    """Chunks of a ``length``-token sequence: ``"auto"`` gives about ``auto_tokens_per_chunk`` tokens
+    each; any count is clamped to ``length``. Raises ``ValueError`` naming ``name``."""
     value = validate_chunk_count(value, name)
     if length < 1:
         raise ValueError(f"{name}: cannot split a sequence of length {length}")
@@ -36,10 +28,8 @@ def resolve_chunk_count(value: ChunkCount, name: str, length: int, auto_tokens_p
 
 
 def local_chunk_count(value: ChunkCount, name: str, local_length: int, sp_size: int, auto_tokens_per_chunk: int) -> int:
-    """Chunks of a rank's ``local_length`` tokens when each chunk is all-gathered from the ``sp_size``
-    ranks of a sequence-parallel group (1: no gather): ``"auto"`` gives gathered chunks of about
-    ``auto_tokens_per_chunk`` tokens, and the count is clamped to ``local_length``. The lengths are
-    equal on every rank of the group, so is the count."""
+    """Chunks of ``local_length`` tokens each all-gathered from ``sp_size`` ranks (1: no gather):
+    ``"auto"`` sizes the gathered chunk; clamped to ``local_length``."""
     count = resolve_chunk_count(value, name, local_length * sp_size, auto_tokens_per_chunk)
     return min(count, local_length)
 

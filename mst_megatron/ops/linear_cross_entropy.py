@@ -1,34 +1,6 @@
-"""Mini-sequence LM head fused with vocab-parallel cross-entropy.
-
-The full logits ``[T, V/TP]`` (plus the fp32 copy and softmax a plain cross-entropy keeps) are the
-largest activation of a long-sequence LM. This op holds one chunk of them, ``[T/M, V/TP]`` in fp32,
-at a time.
-
-Forward does the work of backward as it goes: for each chunk of tokens it computes the logits (GEMM 1),
-the loss, the softmax gradient ``a = softmax - onehot`` in place of the logits, the chunk's hidden
-gradient before the upstream gradient is applied (``a W``, GEMM 2) and its share of the weight
-gradient (``a^T h``, GEMM 3, summed over chunks in fp32). Backward applies the per-token upstream
-gradient ``g``:
-
-* hidden gradient: row ``i`` times ``g_i``, exact for any ``g``;
-* weight gradient: ``sum_i g_i a_i^T h_i = c * (forward's sum) + sum_{i: g_i != c} (g_i - c) a_i^T h_i``,
-  ``c`` the most common value of ``g``. The second sum is recomputed, from the saved hidden states
-  and log-sum-exps, for those tokens only: none for a mean over all tokens, the masked ones under a
-  loss mask, all of them for arbitrary weights (then two more GEMMs over them).
-
-So a training step costs the three logits-sized GEMMs that stock megatron's costs (a recompute design
-costs four), and exactness never depends on what the caller does with the loss. Without autograd
-(``torch.no_grad``, evaluation) only the loss is computed.
-
-One logits-sized buffer serves every chunk. On a CPU the vocab shard is split into one block per
-thread and each GEMM runs batched over the blocks (:func:`vocab_blocks`); elsewhere it is one block.
-
-Under sequence parallelism each tensor-parallel rank holds a shard of the tokens and the vocabulary
-needs all of them: the op all-gathers one chunk of the shards at a time (again in backward for the
-chunks with tokens to correct) and reduce-scatters each chunk's hidden gradient back to its owner, so
-no rank ever holds the gathered hidden states of the whole sequence or their gradient.
-
-Pure torch + torch.distributed, so it can be tested without megatron-core.
+"""Mini-sequence LM head fused with vocab-parallel cross-entropy: one ``[T/M, V_local]`` fp32 chunk of
+logits at a time, gradients formed in forward and scaled by the upstream gradient in backward
+(stock's three logits GEMMs; docs/design.md#lm-head-and-cross-entropy). Pure torch + torch.distributed.
 """
 
 from typing import List, Optional
@@ -97,14 +69,8 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def vocab_blocks(weight: torch.Tensor) -> int:
-    """Equal blocks the vocab shard is split into for the chunk GEMMs, run as one batched GEMM.
-
-    On a CPU, one block per torch thread (the largest count up to that dividing the shard): MKL then
-    gives each thread a block, and the logits GEMM of a chunk of a few hundred tokens runs 17-24%
-    faster than under MKL's own threading of one ``[c, h] x [h, V]`` GEMM (2 threads, V 128256, h 1024,
-    256 and 373 tokens: 104 and 125 against 89 and 101 GFLOP/s; the chunk's three GEMMs 1.07x and
-    1.12x; ``benchmarks/bench_lm_head.py --chunk-gemms``). Elsewhere one block, a plain GEMM.
-    """
+    """Equal blocks of the vocab shard for the batched chunk GEMMs: on a CPU the most, up to the thread
+    count, that divide it (faster there: ``benchmarks/bench_lm_head.py --chunk-gemms``); else 1."""
     if weight.device.type != "cpu" or not weight.is_contiguous():
         return 1
     vocab = weight.shape[0]
@@ -112,10 +78,8 @@ def vocab_blocks(weight: torch.Tensor) -> int:
 
 
 class _ChunkGemms:
-    """A chunk's three GEMMs against the weight viewed as ``[blocks, V_local/blocks, h]``, and the
-    logits-sized buffers they share, allocated once per call and reused by every chunk (a fresh
-    ``[c, V_local]`` block per chunk costs the allocator's page faults each time). ``fp32`` holds the
-    logits, then the softmax gradient; for 16-bit inputs ``low`` holds the GEMMs' 16-bit operand."""
+    """A chunk's three GEMMs against the weight as ``[blocks, V_local/blocks, h]``, and the buffers every
+    chunk reuses: ``fp32`` (logits, then their gradient) and, for 16-bit inputs, ``low`` (its operand)."""
 
     def __init__(self, rows: int, weight: torch.Tensor, blocks: int):
         self.weight = weight.unflatten(0, (blocks, -1))  # a view: blocks > 1 only for a contiguous weight
@@ -172,14 +136,8 @@ def _chunk_softmax(logits, labels_c, vocab_start: int, tp_group):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Chunked ``logsumexp(h W^T) - (h W^T)[label]`` whose gradients are formed in forward (see the
-    module docstring).
-
-    This rank's rows of ``hidden`` go in ``sizes`` chunks. Under sequence parallelism each chunk is
-    gathered from every rank of the TP group, so the per-token vectors (labels, loss, log-sum-exp,
-    upstream gradient) are viewed as ``[tp_size, rows per rank]`` and a chunk is the same columns of
-    every row.
-    """
+    """Chunked ``logsumexp(h W^T) - (h W^T)[label]``, gradients formed in forward. Under SP the per-token
+    vectors are ``[tp_size, rows per rank]`` and a chunk is the same columns of every row."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, sizes: List[int], tp_group, sequence_parallel: bool,
@@ -192,8 +150,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_dw = with_grads and ctx.needs_input_grad[1]
         lse = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
         loss = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
-        # dh before g, for this rank's rows: complete under SP (reduce-scattered per chunk), else this
-        # rank's partial over its vocab shard (the caller reduces it over TP).
+        # dh before g: complete under SP (reduce-scattered per chunk), else this rank's vocab-shard partial.
         dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
         # dW sums over chunks in fp32, so 16-bit heads do not lose small per-chunk terms.
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
@@ -238,8 +195,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if dh is not None:  # row i times g_i, computed in fp32 and rounded once to dh's dtype
             dh.mul_(g[ctx.tp_rank if ctx.sequence_parallel else 0].unsqueeze(1))
         if dw is not None and is_fake(g):
-            # Fake tensors (FLOP and memory simulation) carry no values: counted as a uniform upstream
-            # gradient (a mean loss), which needs no correction GEMM.
+            # Fake tensors (simulation) have no values: counted as a uniform g (a mean loss), no correction.
             dw = dw.mul_(g.reshape(-1)[0]).to(weight.dtype)
         elif dw is not None:
             values, counts = torch.unique(g, return_counts=True)
@@ -261,7 +217,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     _add_product(dw, grad_logits.to(hidden.dtype).t(), hidden_r)
                     del probs, grad_logits, hidden_r
                 start = end
-            # dW is returned once and never also written to weight.grad (that doubled it in earlier MST code).
+            # dW is returned once, never also written to weight.grad.
             dw = dw.to(weight.dtype)
         return dh, dw, None, None, None, None, None
 
@@ -274,22 +230,18 @@ def linear_cross_entropy(
     tp_group: Optional["dist.ProcessGroup"] = None,
     sequence_parallel: bool = False,
 ) -> torch.Tensor:
-    """hidden [T, h] (any float dtype), weight [V_local, h] (this rank's vocab shard, rows
-    V_local*tp_rank ... V_local*(tp_rank+1)-1 of the global vocab), labels [T] int64 global ids.
-    Returns the per-token loss [T] in fp32: logsumexp over the GLOBAL vocab minus the target logit.
+    """Per-token loss ``[T]`` fp32: logsumexp over the global vocab minus the target logit.
 
-    The T tokens are processed in ``num_chunks`` near-equal mini-sequences (none dropped), each holding
-    one ``[T/num_chunks, V_local]`` fp32 block of logits; every rank of ``tp_group`` must pass the same
-    ``num_chunks`` and T, since each chunk runs collectives, and backward the same upstream gradient
-    (as megatron's loss functions give it). ``dh`` is this rank's partial (reduce it over TP outside);
-    ``tp_group=None`` means no TP. A label outside ``[0, V)`` (e.g. an ignore index) gets target logit
-    0, as in megatron's ``vocab_parallel_cross_entropy``: mask it with the upstream gradient. Backward
-    may run once per forward.
+    hidden ``[T, h]`` (float), weight ``[V_local, h]`` (rows ``V_local * tp_rank`` on of the global
+    vocab, same dtype), labels ``[T]`` integer global ids; ``num_chunks`` near-equal chunks of T.
+    Every rank of ``tp_group`` (None: no TP) must pass the same ``num_chunks`` and T, and backward the
+    same upstream gradient. ``dh`` is this rank's partial (reduce it over TP outside). A label outside
+    ``[0, V)`` gets target logit 0, as in megatron: mask it with the upstream gradient. Backward runs
+    at most once per forward (``RuntimeError`` otherwise).
 
-    ``sequence_parallel=True``: ``hidden`` is this rank's shard ``[T_local, h]`` of tokens sharded over
-    ``tp_group`` rank after rank; ``labels`` and the returned loss cover all ``T = tp_size * T_local``
-    tokens in that order; ``num_chunks`` splits the shard (at most ``T_local``); and ``dh`` comes back
-    complete for this rank's rows (nothing left for the caller to reduce).
+    ``sequence_parallel=True``: ``hidden`` is this rank's ``[T_local, h]`` of tokens sharded rank after
+    rank; labels and loss cover all ``T = tp_size * T_local``; ``num_chunks`` splits the shard; ``dh``
+    comes back complete. Bad shapes, dtypes or arguments raise ``ValueError`` / ``TypeError``.
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [T, h], got shape {tuple(hidden.shape)}")

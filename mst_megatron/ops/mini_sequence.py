@@ -1,36 +1,5 @@
-"""Mini-sequence application of a per-token function (pure torch, no megatron imports).
-
-``mini_sequence_apply(fn, x, M)`` splits ``x`` into ``M`` mini-sequences, runs ``fn`` on each and
-concatenates the results. With autograd recording, each chunk runs under
-``torch.utils.checkpoint.checkpoint(use_reentrant=False, preserve_rng_state=False)``: forward keeps
-only the chunk's input (a view of ``x``, so no extra storage) and its output; backward recomputes one
-chunk at a time and frees that chunk's intermediates before the next chunk is recomputed. The peak of
-``fn``'s intermediates therefore falls by about ``M`` in forward *and* in backward, at the cost of one
-extra forward of ``fn`` (or of a cheaper ``recompute_fn`` that skips what backward never reads).
-
-Why the stock non-reentrant checkpoint is enough (no custom ``autograd.Function``):
-
-* Backward order: the autograd engine runs ready nodes in decreasing sequence number, and every node of
-  chunk ``k`` was created after every node of chunk ``k-1``, so chunk ``M-1`` is recomputed and fully
-  back-propagated, then chunk ``M-2``, and so on. Each chunk's recomputed tensors are held only by its
-  checkpoint frame (weakly keyed by handles released on unpack, and by the chunk's saved-variable hooks),
-  so they are freed as soon as that chunk's nodes have run. ``tests/test_ops_mini_sequence.py`` checks
-  the peak with a memory tracker.
-* It composes with an outer reentrant checkpoint (megatron's full recompute): the outer forward runs
-  under ``no_grad`` (so this op only chunks), and during the outer recompute in backward this op
-  checkpoints each chunk again, so the recompute's MLP working set is one chunk as well. When the op
-  ends the outer checkpoint (its output values unread there), ``outputs_unread`` makes that outer
-  recompute GEMM-free: the chunks compute only in their own recompute.
-* It works when ``x`` does not require grad (only parameters do), unlike the reentrant variant.
-* It restores the autocast state for the recompute.
-
-Parameter gradients go through autograd as usual: every chunk's backward contributes to the same
-``AccumulateGrad`` node, whose input buffer sums the ``M`` contributions, and the node then runs once
-per backward. So ``.grad`` accumulation, post-accumulate-grad hooks and megatron DDP's grad-ready hook
-fire once per step, exactly as in the unchunked model, whatever ``M`` is. (A layer that adds its
-weight gradient into ``main_grad`` inside its own backward, like megatron's gradient-accumulation
-fusion, does so once per chunk, which sums to the same result.)
-"""
+"""Mini-sequence application of a per-token function, each chunk recomputed in backward (pure torch);
+why the stock non-reentrant checkpoint suffices: docs/design.md#per-chunk-recompute."""
 
 from typing import Callable, Optional, Tuple, Union
 
@@ -59,8 +28,8 @@ def _split_output(result, chunk_index: int):
 
 
 class GemmsLeftEmpty(TorchDispatchMode):
-    """Inside it, matrix products (``mm``, ``addmm``, ``bmm``) return uninitialised tensors of their
-    result's shape instead of computing it: for a recompute whose products nobody reads."""
+    """Matrix products (``mm``, ``addmm``, ``bmm``) return uninitialised tensors of their result's
+    shape instead of computing it: for a recompute whose products nobody reads."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is aten.mm.default:
@@ -105,45 +74,21 @@ def mini_sequence_apply(
     recompute_fn: Optional[Callable[[torch.Tensor], FnOutput]] = None,
     outputs_unread: bool = False,
 ) -> FnOutput:
-    """Apply a per-token function ``fn`` (e.g. an MLP: fc1 -> act -> fc2, possibly with TP collectives
-    inside) to ``x`` split into ``num_chunks`` mini-sequences along ``dim``, keeping only one chunk's
-    intermediates alive in forward and in backward (each chunk is recomputed in backward).
+    """``fn`` applied to ``x`` split into ``num_chunks`` near-equal chunks along ``dim``, concatenated;
+    with autograd recording each chunk runs under a non-reentrant checkpoint (recomputed in backward).
 
-    Contract:
-
-    * ``fn(chunk)`` must be per-token along ``dim`` (output token ``i`` depends only on input token
-      ``i``), so concatenating the chunk outputs equals ``fn(x)``. Its output must have the chunk's size
-      along ``dim``.
-    * ``fn`` returns either a Tensor, or a tuple ``(out, *extras)`` with ``out`` a Tensor. ``extras``
-      (e.g. an un-added bias, or None) must be the same for every chunk: the ones returned by the first
-      chunk are returned, the other chunks' are dropped unchecked.
-    * The result has the same form: ``cat(outs, dim)`` or ``(cat(outs, dim), *extras_of_chunk_0)``.
-    * ``fn`` must be deterministic: it is re-run in backward and the RNG state is *not* saved or
-      restored (``preserve_rng_state=False``), so dropout inside ``fn`` would draw a different mask in
-      the recompute. Megatron's MLP has no dropout.
-    * ``fn`` must not depend on or mutate global state that changes between forward and backward.
-    * ``num_chunks == 1`` calls ``fn(x)`` directly (the stock path, nothing recomputed). Otherwise
-      ``1 <= num_chunks <= x.size(dim)`` is required; chunk sizes come from
-      :func:`mst_megatron.ops.chunking.chunk_sizes` (near-equal, every token kept). Callers running
+    * ``fn`` must be per-token along ``dim`` (output keeps the chunk's size there), deterministic (the
+      RNG state is not restored for the recompute) and free of state that changes before backward.
+    * ``fn`` returns a Tensor or ``(out, *extras)``; extras are taken from chunk 0, the others dropped.
+    * ``num_chunks == 1`` is ``fn(x)``; otherwise ``1 <= num_chunks <= x.size(dim)``. Callers with
       collectives inside ``fn`` must pass the same ``num_chunks`` on every rank of the group.
-    * ``recompute_fn`` (default ``fn``) runs instead of ``fn`` when a chunk is recomputed in backward.
-      It must save the same tensors for backward as ``fn`` (the checkpoint matches them one by one)
-      but may skip work whose result backward never reads: an MLP's last GEMM, whose output nothing
-      differentiates through (its backward needs only its input and weight).
-    * ``outputs_unread=True`` is the caller's promise that the result's *values* are never read, only
-      back-propagated through (an MLP that ends a layer, in megatron's full-recompute pass: the
-      layer's output only carries the graph into backward). Each chunk's forward then runs
-      ``recompute_fn`` (default ``fn``) with every matrix product left uncomputed
-      (:class:`GemmsLeftEmpty`): the result has the right shapes and autograd graph but undefined
-      values, and costs no GEMM; backward recomputes each chunk for real, as always. It needs autograd
-      recording and ``num_chunks > 1`` (``num_chunks == 1`` stays the plain call).
-    * With autograd off (``torch.no_grad()``, inference mode, or inside the forward of megatron's
-      reentrant full recompute), the chunks are run without checkpointing: this bounds the working set
-      of ``fn`` to one chunk at no extra compute.
+    * ``recompute_fn`` (default ``fn``) runs in each chunk's recompute; it must save the same tensors
+      as ``fn`` but may skip work backward never reads (an MLP's fc2 product).
+    * ``outputs_unread=True`` (needs autograd recording) promises the result's values are never read,
+      only back-propagated through: each chunk's forward then leaves every matrix product
+      uncomputed (:class:`GemmsLeftEmpty`); docs/design.md#mlp-under-full-recompute.
 
-    Memory notes: the chunk outputs and their concatenation coexist briefly at the end of the forward
-    (one extra output-sized buffer); in backward the per-chunk input gradients are gathered by
-    ``torch.split``'s backward and concatenated (one extra input-sized buffer).
+    Raises ``ValueError`` / ``TypeError`` naming the bad argument or the non-per-token ``fn`` result.
     """
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"mini_sequence_apply: num_chunks must be an int >= 1, got {num_chunks!r}")
@@ -154,9 +99,7 @@ def mini_sequence_apply(
     if outputs_unread and not record:
         raise ValueError("mini_sequence_apply: outputs_unread=True needs autograd recording (the values "
                          "are left undefined, so only a graph that backward recomputes is of use)")
-    # With autograd off, split a detached alias: views of a requires-grad tensor made under no_grad
-    # report requires_grad=True without a grad_fn, which trips hooks that inspect module inputs
-    # (e.g. torch's ModTracker/MemTracker inside megatron's reentrant recompute forward).
+    # Without autograd, a detached alias: no_grad views of a requires-grad tensor trip module-input hooks.
     source = x if record else x.detach()
     chunks = torch.split(source, chunk_sizes(x.size(dim), num_chunks), dim=dim)
 

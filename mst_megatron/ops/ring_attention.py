@@ -1,43 +1,6 @@
-"""Ring context parallelism for attention as a pure autograd op (no megatron imports; the group is
-passed in). Megatron's ``cp_comm_type="p2p"``.
-
-Each of the ``cp`` ranks of a group holds megatron's load-balanced shard of the sequence (the
-sequence cut into ``2 * cp`` chunks, rank ``r`` holding chunks ``r`` and ``2 * cp - 1 - r``, as
-``get_batch_on_this_cp_rank`` lays it out) for all of its heads. The queries stay; the keys and
-values travel around the ring, one shard per step, and every step attends the local queries to the
-visiting shard with an attention kernel that returns the per-row log-sum-exp. The partial outputs
-are merged by their log-sum-exps, so no step ever holds more than a ``[s/cp, s/cp]`` block's worth
-of kernel work and no score tensor is materialised (the kernels are flash-style).
-
-Causal blocks under the load-balanced layout, at step ``i`` the visiting shard is rank
-``src = (r - i) mod cp``'s:
-
-* ``src == r``: the local shard against itself, the plain causal lower triangle of the local
-  ``[chunk r, chunk 2cp-1-r]`` sequence (chunk ``r`` precedes chunk ``2cp-1-r``);
-* ``src < r``: every local query against the first chunk (``src``) only; the second chunk
-  ``2cp-1-src`` lies after both query chunks and is skipped;
-* ``src > r``: the second query chunk (``2cp-1-r``) against both visiting chunks; the first query
-  chunk ``r`` precedes both and is skipped.
-
-Each non-diagonal step is half the local queries times the local keys (or the reverse), the same
-work on every rank. Without a causal mask every step is the whole local block.
-
-Backward is exact: the kernel's own backward per block, given the merged output and log-sum-exp
-(the softmax of a block is ``exp(scores - merged lse)``, and ``rowsum(dO * O)`` of the merged
-output), so block gradients add up to the full attention's. The keys and values go round the ring
-again and their gradients travel one step behind them, arriving back at their owner after ``cp``
-hops.
-
-Communication: ``torch.distributed.isend``/``irecv`` with the ring neighbours, the next shard's
-send and receive posted before the current block is computed (gloo and NCCL both run them in the
-background; NCCL on its own stream, so they overlap the kernel on the compute stream). Per rank and
-step of the forward one ``[2, b, kv_heads, s/cp, d]`` K/V buffer; the backward sends K/V
-``cp - 1`` times and the K/V gradient ``cp`` times.
-
-Kernels: on CPU ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (native
-grouped-query attention); on CUDA ``aten._scaled_dot_product_efficient_attention`` and its backward
-(fp32, fp16 and bf16; grouped-query K/V are expanded per block, linear in the block). Dropout is not
-supported (the ring would need one mask stream per block).
+"""Ring context parallelism for attention (megatron's ``cp_comm_type="p2p"``) as an autograd op: K/V
+shards travel the ring, per-block flash kernels' outputs are merged by log-sum-exp, backward is exact.
+Causal block schedule, kernels and communication: docs/design.md#ring. No dropout.
 """
 
 import math
@@ -51,8 +14,7 @@ __all__ = ["ring_attention"]
 _aten = torch.ops.aten
 
 
-# ------------------------------------------------------------------------------------------ kernels
-# Tensors are [b, heads, s, d]; the log-sum-exp is float32 [b, heads, s].
+# Kernel tensors are [b, heads, s, d]; the log-sum-exp is float32 [b, heads, s].
 
 
 def _block_forward(q, k, v, causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +52,6 @@ def _expand_kv(q, k, v):
     if groups == 1:
         return k, v
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-
-
-# ------------------------------------------------------------------------------------------ the ring
 
 
 class _Ring:

@@ -1,35 +1,17 @@
-"""CPU compatibility layer: lets megatron-core's stock GPT training path run without CUDA.
+"""CPU compatibility layer: megatron-core's stock GPT training path without CUDA
+(why and how it is scoped: docs/design.md#cpu-compatibility-layer).
 
-megatron-core assumes CUDA in a handful of places (device-side RNG, ``device="cuda"`` factories,
-``torch.cuda.current_device()`` buffers, ``torch.cuda.synchronize()``). This module bridges exactly
-those, and only when CUDA is absent: :func:`install` refuses on a machine with a GPU. It was written
-for megatron-core 0.16.1 to 0.19.x (:data:`SUPPORTED_MCORE`) and refuses other versions, whose
-privates may differ. :func:`install` records every attribute it replaces and returns a
-:class:`CpuBridges` handle whose :meth:`~CpuBridges.restore` puts them all back.
+:func:`install` refuses when CUDA is present or megatron-core is outside :data:`SUPPORTED_MCORE`,
+and returns a :class:`CpuBridges` handle whose :meth:`~CpuBridges.restore` undoes every replacement.
+The bridges, each confined to named megatron-core modules or methods:
 
-Six bridges, each scoped to named megatron-core modules or methods so user code and torch itself
-are never touched outside them:
-
-1. ``torch`` seen by the modules in :data:`BRIDGED_MODULES` is :class:`_TorchOnCpu`, a proxy that
-   forwards everything to the real ``torch`` except that factories given a CUDA device (or
-   ``pin_memory=True``) build on the CPU, and ``torch.cuda``'s device, sync and RNG calls act on
-   the CPU (``current_device()`` is ``cpu``; the "device RNG" is the CPU default generator). Unlike
-   a ``TorchFunctionMode`` this is not thread-local, so recompute inside autograd's backward
-   thread sees it too.
-2. ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and write the CPU
-   generator, so megatron's RNG tracker, ``fork()`` and ``tensor_parallel.checkpoint`` (full and
-   selective recompute) restore the same random streams in recompute as in forward.
-3. ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied embedding with
-   ``weight.data.cuda()`` before its pipeline all-reduce; on CPU that move is the identity.
-4. ``optimizer.clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``;
-   the optimizer module gets the same scaling without that assertion.
-5. The mixed-precision (``--bf16``) and distributed optimizers sort parameters by
-   ``param.type()`` against ``'torch.cuda.*Tensor'`` names while they are built and raise on
-   anything else; inside their ``__init__`` a CPU tensor's ``type()`` reports the CUDA name of its
-   dtype, so CPU parameters are sorted exactly as CUDA ones would be.
-6. RoPE's context-parallel slicing (``rope_utils.get_pos_emb_on_this_cp_rank``) moves its chunk
-   index with ``.cuda()``; inside that function the move is the identity (bridged under the name
-   each RoPE module imported it as).
+1. ``torch`` as seen by :data:`BRIDGED_MODULES` is a proxy: CUDA factories build on the CPU, and
+   ``torch.cuda``'s device, sync and RNG calls act on the CPU (not thread-local, unlike a mode).
+2. ``tensor_parallel.random``'s device RNG state get/set use the CPU generator.
+3. ``LanguageModule.setup_embeddings_and_output_layer``: ``Tensor.cuda()`` is the identity.
+4. ``optimizer.clip_grad_by_total_norm_fp32``: the same scaling without its CUDA type assertion.
+5. The mixed-precision and distributed optimizers' ``__init__``: CPU tensors report CUDA type names.
+6. RoPE's ``get_pos_emb_on_this_cp_rank`` (under each name it is imported as): ``.cuda()`` is the identity.
 """
 
 import contextlib

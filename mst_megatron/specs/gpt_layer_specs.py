@@ -1,21 +1,12 @@
 """GPT layer and block specs with mini-sequence MLPs, built from megatron-core's local modules.
 
-:func:`get_gpt_mst_layer_spec` is a drop-in for megatron-core's ``get_gpt_layer_local_spec()``: the
-same ``TransformerLayer`` with the same parameter names (a stock model's ``state_dict`` loads with
-``strict=True``), with four modules swapped:
-
-* the MLP for :class:`~mst_megatron.modules.mlp.MiniSequenceMLP` (the point of MST);
-* the attention's QKV projection for
-  :class:`~mst_megatron.modules.linear.MiniSequenceColumnParallelLinear`, which under sequence
-  parallelism all-gathers its input one chunk at a time instead of the whole sequence;
-* the norms for :mod:`mst_megatron.modules.norm` ones, which allow sequence parallelism (the stock
-  local norm refuses it);
-* the core attention for :class:`~mst_megatron.modules.attention.SDPAttention`, which never builds
-  the ``[b, heads, s, s]`` scores that would otherwise dominate memory at long sequence lengths.
-
-A layer spec does not reach the block's final norm (``TransformerBlock`` builds megatron's default
-norm for it, which refuses sequence parallelism): :func:`get_gpt_mst_block_spec` returns the block
-spec with both, and is what to pass to ``GPTModel`` when ``sequence_parallel=True``.
+:func:`get_gpt_mst_layer_spec` is a drop-in for ``get_gpt_layer_local_spec()`` with the same
+parameter names (a stock ``state_dict`` loads with ``strict=True``) and four modules swapped: the
+MLP (:class:`~mst_megatron.modules.mlp.MiniSequenceMLP`), the QKV projection
+(:class:`~mst_megatron.modules.linear.MiniSequenceColumnParallelLinear`), the norms
+(:mod:`mst_megatron.modules.norm`) and the core attention
+(:class:`~mst_megatron.modules.attention.SDPAttention`). Under ``sequence_parallel=True`` pass
+:func:`get_gpt_mst_block_spec` (it adds the SP-aware final norm). See docs/design.md#model-and-specs.
 """
 
 from typing import Optional
@@ -54,14 +45,11 @@ def get_gpt_mst_layer_spec(
     Args:
         mlp_mini_sequences: chunks per MLP call, an int >= 1 or ``"auto"`` (see
             :class:`~mst_megatron.modules.mlp.MiniSequenceMLP`); 1 is the stock MLP computation.
-        normalization: ``"RMSNorm"`` or ``"LayerNorm"``; None (default): ``config.normalization`` of
-            the model the spec is built into, as the stock local spec's norms do. A value that differs
-            from the config's is an error when the layer is built.
-        qk_layernorm: normalise queries and keys per head (same norm type); None (default):
-            ``config.qk_layernorm``. A value that differs from the config's is an error when the layer
-            is built (stock's spec would silently build identity norms).
-        backend: ``"local"`` (megatron-core's own linears). A Transformer Engine backend would need
-            its fused norm+fc1 kept inside each chunk; it is not implemented yet.
+        normalization: ``"RMSNorm"`` or ``"LayerNorm"``; None (default): ``config.normalization``.
+        qk_layernorm: per-head query/key norms; None (default): ``config.qk_layernorm``.
+        backend: ``"local"`` only (megatron-core's own linears).
+    Raises ``ValueError`` for a bad name or count here, and when the layer is built with a
+    ``normalization`` or ``qk_layernorm`` that differs from the config's.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

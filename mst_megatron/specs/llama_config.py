@@ -1,10 +1,5 @@
-"""The Llama-family ``TransformerConfig`` every MST model here starts from.
-
-RMSNorm, SwiGLU and linear layers without biases (RoPE is the GPT model's choice), with megatron's
-fused kernels off: they need Apex or Transformer Engine, which are optional in this project. The
-training job, the benchmarks and the tests all build their configs through it, so a fusion flag or
-a megatron default changes in one place.
-"""
+"""The Llama-family ``TransformerConfig`` every MST model here starts from: RMSNorm, SwiGLU, no
+linear biases, and megatron's fused kernels off (they need Apex or Transformer Engine)."""
 
 import torch
 import torch.nn.functional as F

@@ -1,23 +1,12 @@
-"""MST specs by name, and model-building entry points shaped like the ones Megatron-LM and NeMo /
-Megatron-Bridge call, so those tools use MST without being forked.
+"""MST specs by name, and model builders in the call shapes Megatron-LM and Megatron-Bridge use.
 
-**Megatron-LM.** ``--spec mst_megatron.specs.registry mst_layer_spec`` : Megatron-LM looks the name
-up as an attribute of the module (megatron-core's ``import_module``) and hands the object unchanged to
-``GPTModel`` as its ``transformer_layer_spec``; the layer specs below are therefore module-level
-``ModuleSpec`` objects. This swaps in the mini-sequence MLP only. For the mini-sequence LM head too
-(and the sequence-parallel final norm without Transformer Engine), give ``pretrain_gpt.py``
-:func:`mst_gpt_builder` in place of its ``gpt_builder`` (same call shape), or, in a script that passes
-a plain ``model_provider(pre_process, post_process, ...)`` to ``pretrain``, :func:`model_provider`.
+* Megatron-LM: ``--spec mst_megatron.specs.registry mst_layer_spec`` (mini-sequence MLP only), or
+  :func:`mst_gpt_builder` / :func:`model_provider` for the whole MST model; :func:`add_mst_arguments`
+  as ``extra_args_provider`` adds ``--mlp-mini-sequences`` / ``--lm-head-mini-sequences``.
+* Megatron-Bridge: :func:`mst_block_spec` as ``GPTConfig.transformer_layer_spec``, and
+  ``provider.register_pre_wrap_hook(mst_pre_wrap_hook)`` to promote the models to ``MSTGPTModel``.
 
-**NeMo / Megatron-Bridge.** ``GPTConfig.transformer_layer_spec`` takes a ``ModuleSpec`` (any layer
-spec below) or a callable that receives the config (and ``vp_stage=`` when its signature has it) and
-returns a spec: :func:`mst_block_spec`. Bridge providers also run pre-wrap hooks on the built model
-chunks: ``provider.register_pre_wrap_hook(mst_pre_wrap_hook)`` promotes them to ``MSTGPTModel``.
-
-Chunk counts default to ``"auto"``. Megatron-LM has no MST flags: :func:`add_mst_arguments` is an
-``extra_args_provider`` that adds ``--mlp-mini-sequences`` / ``--lm-head-mini-sequences``;
-:func:`mst_gpt_builder` reads them from ``args``, the callables take them as keyword arguments
-(``functools.partial``).
+Chunk counts default to ``"auto"``; the callables take them as keyword arguments.
 """
 
 from typing import List, Optional

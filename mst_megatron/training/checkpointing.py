@@ -1,19 +1,8 @@
-"""Save and resume training with megatron-core ``dist_checkpointing``, in Megatron-LM's layout.
-
-``<root>/iter_0000010/`` holds one checkpoint (sharded model and optimizer state, scheduler state,
-iteration, consumed samples, RNG states); ``<root>/latest_checkpointed_iteration.txt`` names the
-newest complete one. Tensors are saved by their global (unsharded) identity, so a checkpoint loads
-under another tensor/pipeline/data-parallel layout, and into a stock megatron-core ``GPTModel``
-(MST keeps the stock state-dict keys by design). RNG states are per (pipeline, tensor) rank and
-are restored only when that layout is unchanged.
-
-A weights-only checkpoint (:func:`save_weights`, written by the Hugging Face import) holds the model
-and its shape at iteration 0 and no optimizer state: ``--load`` starts a fresh run from its weights,
-and the run's own saves into the same root then resume as usual.
-
-What can be checked before torch.distributed starts is (:func:`find_checkpoint`,
-:func:`check_resume`): which checkpoint ``--load`` names, that its files are complete, and that it
-fits this run (architecture, batch size, optimizer layout, LR schedule, as Megatron-LM checks).
+"""Save and resume training with megatron-core ``dist_checkpointing``, in Megatron-LM's layout:
+``<root>/iter_NNNNNNN/`` per checkpoint, ``<root>/latest_checkpointed_iteration.txt`` naming the
+newest complete one. Checkpoints load under another TP/PP/DP layout and into a stock ``GPTModel``;
+RNG states are restored only under the layout they were saved with. :func:`find_checkpoint` and
+:func:`check_resume` run before torch.distributed starts. Resume rules: docs/design.md#checkpoints-and-resume.
 """
 
 import contextlib
@@ -33,10 +22,8 @@ import torch.distributed as dist
 from mst_megatron.training import RunError, SetupError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
-# The distributed optimizer's checkpoint format, Megatron-LM's default: a parallel save with no
-# gather, resharded across data-parallel sizes only. megatron-core 0.16.1's other formats do not load
-# with torch's Adam (no Apex/TE): "fully_sharded_model_space" (its default) needs flattened
-# ShardedTensors, which 0.16 refuses, and "fully_reshardable" fails on Adam's "step" state.
+# Megatron-LM's default format (reshards across DP sizes only): megatron-core 0.16.1's others do not
+# load with torch's Adam (flattened ShardedTensors refused; Adam's "step" state fails).
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -104,14 +91,9 @@ def _model_keys(model: List) -> List[str]:
 
 @contextlib.contextmanager
 def _torch_adam_steps(optimizer, steps: int):
-    """Work around megatron-core 0.16.1's distributed optimizer with torch's Adam (no Apex/TE).
-
-    Its loading path reads Adam's ``step`` from the optimizer state, which does not exist before a
-    first step; restores ``step`` from that pre-load state rather than the checkpoint; and leaves one
-    ``step`` tensor shared by all parameters, which Adam then increments once per parameter. Give a
-    fresh optimizer a state to read before the load, and every parameter its own ``step`` (the
-    checkpoint's count: every step of this loop updates, no fp16 loss scaling skips one) after it.
-    """
+    """Work around megatron-core 0.16.1's distributed optimizer with torch's Adam (no Apex/TE), whose
+    load reads Adam's ``step`` before it exists and leaves one ``step`` shared by all parameters:
+    a state to read before the load, every parameter its own ``step = steps`` after it."""
     from megatron.core.optimizer import distrib_optimizer
 
     opts = [] if optimizer is None or distrib_optimizer.HAVE_APEX_OR_TE else [
@@ -141,10 +123,8 @@ def _sharded_state(model: List, optimizer, is_loading: bool, with_rng: bool) -> 
 
 
 def _writer_queue_in_process() -> None:
-    """megatron-core's checkpoint writer reports through a queue of a spawned multiprocessing manager
-    (plus the resource tracker spawning starts), processes that outlive a SIGKILLed rank. The writer
-    runs in this process or its forks (synchronous saves), so a fork-context queue does the same job
-    and needs neither."""
+    """The checkpoint writer's report queue as a fork-context one: megatron-core's spawned manager
+    process would outlive a SIGKILLed rank, and synchronous saves write in this process or its forks."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:

@@ -1,10 +1,7 @@
 """Training data: a sentencepiece tokenizer, megatron-core indexed-dataset blends, resumable batch order.
 
-The documents on disk are token ids (``.bin``/``.idx`` written by ``scripts/preprocess_data.py`` or
-Megatron-LM's own preprocessing). megatron-core's ``GPTDataset`` and ``BlendedMegatronDatasetBuilder``
-turn them into fixed-length samples with a seeded shuffle; this module adds the checks that must
-fail before any work starts (missing files, ids outside the tokenizer's vocabulary) and a batch
-order that is a pure function of the number of samples consumed, so a resumed run reads exactly
+Checks that fail before any work starts (missing files, ids outside the tokenizer's vocabulary, empty
+splits), and a batch order that is a pure function of the samples consumed, so a resumed run reads
 the batches an uninterrupted run would have read.
 """
 

@@ -1,11 +1,6 @@
-"""What a long run reports: per-step log lines, validation lines, a progress bar, a loss plot,
-TensorBoard scalars.
-
-One rank reports (the last one, which holds the loss on the last pipeline stage). The peak memory
-in a log line is the maximum over all ranks: CUDA ``max_memory_allocated`` on GPU, the process's
-peak resident set size on CPU; the line names which. The progress bar is drawn only when stdout is
-a terminal, so log files stay line-oriented; TensorBoard is used only when it is installed. The
-plot (training and validation loss against tokens, PNG) is rewritten at every :meth:`Monitor.plot`.
+"""What a long run reports: per-step and validation log lines, a terminal progress bar, a loss plot
+(PNG + JSON) and TensorBoard scalars when installed. The last rank reports; the peak memory in a log
+line is the maximum over ranks (CUDA allocations on GPU, peak RSS on CPU; the line names which).
 """
 
 import json

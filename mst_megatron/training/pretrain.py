@@ -1,11 +1,6 @@
-"""GPT pretraining on megatron-core's own pieces, with MST switched on by default.
-
-``GPTModel``/``MSTGPTModel`` built from one model provider, wrapped in megatron-core's
-``DistributedDataParallel``; ``get_megatron_optimizer`` (Adam, optionally the distributed
-optimizer); ``OptimizerParamScheduler``; ``get_forward_backward_func`` for every micro-batch
-schedule (none, 1F1B, interleaved). Every input check runs before torch.distributed starts (see
-:mod:`.arguments`). SIGTERM asks for a checkpoint: the handler only sets a flag, the ranks agree on
-it with an all-reduce after each step, then save and leave cleanly.
+"""GPT pretraining on megatron-core's own pieces (model, DDP, optimizer, LR schedule, pipeline
+schedules), MST on by default. Every input check runs before torch.distributed starts; SIGTERM asks
+for a checkpoint after a step all ranks agree on (docs/design.md#checkpoints-and-resume).
 """
 
 import argparse
