@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import machine  # noqa: E402
 from mst_megatron.measure.memory import measure_peak  # noqa: E402
-from tests.multirank import run_on_ranks  # noqa: E402
+from tests.helpers.multirank import run_on_ranks  # noqa: E402
 
 SHAPE = dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8, num_query_groups=4)
 VOCAB = 2048
@@ -68,8 +68,8 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from tests.models import mst_full_gpt, tiny_config
-        from tests.training import wrap_ddp
+        from tests.helpers.models import mst_full_gpt, tiny_config
+        from tests.helpers.training import wrap_ddp
 
         mst_megatron.init_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
         config = tiny_config(**SHAPE, sequence_parallel=tp > 1, recompute_granularity="full",

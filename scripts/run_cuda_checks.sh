@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one call on a CUDA machine: the CUDA tests (tests/test_cuda.py) and the GPU
+# The GPU checks, in one call on a CUDA machine: the CUDA tests (tests/cuda/test_cuda.py) and the GPU
 # benchmark (benchmarks/bench_cuda.py), writing logs and JSON under $OUT (default ./cuda-results).
 # Needs megatron-core importable (0.19.2, or 0.16.1); on the lent device machine it comes as a carried
 # wheel in .whl/ (pip download --no-deps --only-binary=:all: --python-version 3.12 ... megatron-core==0.19.2):
@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.csv"
 "$PY" -c "import torch, megatron.core; print('torch', torch.__version__, 'megatron-core', megatron.core.__version__)" \
   | tee -a "$OUT/gpu.csv"
-"$PY" -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py --junitxml="$OUT/test_cuda.xml" 2>&1 \
+"$PY" -m pytest -q -ra -p no:cacheprovider tests/cuda/test_cuda.py --junitxml="$OUT/test_cuda.xml" 2>&1 \
   | grep -v "Unknown MLP type" | tee "$OUT/test_cuda.log"
 tests_rc=${PIPESTATUS[0]}
 # shellcheck disable=SC2086  # BENCH_ARGS: extra flags, e.g. "--parts lm_head model"

@@ -3,8 +3,20 @@ import sys
 
 import pytest
 
-# Make `tests.multirank` importable in spawned ranks and from test modules.
+# Make `tests.helpers` importable in spawned ranks and from test modules.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KINDS = ("unit", "integration", "cuda")  # tests/<kind>/...: the marker each test gets
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Mark every test with the folder it lives in: ``pytest -m unit`` runs the in-process tests,
+    ``-m integration`` those that spawn ranks or subprocesses, ``-m cuda`` the GPU checks."""
+    for item in items:
+        parts = item.path.relative_to(os.path.dirname(os.path.abspath(__file__))).parts
+        if parts[0] in KINDS:
+            item.add_marker(parts[0])
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +32,7 @@ def one_rank():
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """The training tests' tiny corpus (see :func:`tests.pretraining.build_corpus`), built once."""
-    from tests.pretraining import build_corpus
+    """The training tests' tiny corpus (see :func:`tests.helpers.corpus.build_corpus`), built once."""
+    from tests.helpers.corpus import build_corpus
 
     return build_corpus(tmp_path_factory.mktemp("pretrain"))

@@ -44,23 +44,27 @@ def _flash_mapping(attention: str) -> dict:
             aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
+_MM = {aten.mm.default, aten.mm.out}
+_ADDMM = {aten.addmm.default, aten.addmm_.default, aten.addmm.out}
+_BMM = {aten.bmm.default, aten.bmm.out}
+_BADDBMM = {aten.baddbmm.default, aten.baddbmm_.default, aten.baddbmm.out}
+
+
 class GemmLog(TorchDispatchMode):
     """Inside it, ``self.gemms`` collects ``(m, k, n)`` for every ``mm``/``addmm`` computed (an
-    ``[m, k] @ [k, n]`` product) and ``(batch * m, k, n)`` for every ``bmm``/``baddbmm``."""
+    ``[m, k] @ [k, n]`` product; ``out=`` and in-place forms too) and ``(batch * m, k, n)`` for every
+    ``bmm``/``baddbmm``."""
 
     def __init__(self):
         super().__init__()
         self.gemms: List[Tuple[int, int, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is aten.mm.default:
-            a, b = args[:2]
+        if func in _MM or func in _ADDMM:
+            a, b = args[:2] if func in _MM else args[1:3]
             self.gemms.append((a.shape[0], a.shape[1], b.shape[1]))
-        elif func is aten.addmm.default:
-            a, b = args[1:3]
-            self.gemms.append((a.shape[0], a.shape[1], b.shape[1]))
-        elif func in (aten.bmm.default, aten.baddbmm.default):
-            a, b = args[:2] if func is aten.bmm.default else args[1:3]
+        elif func in _BMM or func in _BADDBMM:
+            a, b = args[:2] if func in _BMM else args[1:3]
             self.gemms.append((a.shape[0] * a.shape[1], a.shape[2], b.shape[2]))
         return func(*args, **(kwargs or {}))
 

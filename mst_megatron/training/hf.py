@@ -26,10 +26,9 @@ key/value groups, ``n = heads / G``:
 """
 
 import json
-import math
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -181,50 +180,55 @@ def _qkv_groups(shape: ModelShape):
     return shape.num_query_groups, shape.num_attention_heads // shape.num_query_groups, d
 
 
+def _renamed(shape: ModelShape) -> List[Tuple[str, str]]:
+    """``(HF name, megatron name)`` of every tensor that maps one to one (all but QKV and fc1)."""
+    pairs = [("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
+             ("model.norm.weight", "decoder.final_layernorm.weight")]
+    if not shape.share_embeddings_and_output_weights:
+        pairs.append(("lm_head.weight", "output_layer.weight"))
+    for i in range(shape.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        pairs += [(f"{hf}self_attn.o_proj.weight", f"{mc}self_attention.linear_proj.weight"),
+                  (f"{hf}input_layernorm.weight", f"{mc}input_layernorm.weight"),
+                  (f"{hf}post_attention_layernorm.weight", f"{mc}pre_mlp_layernorm.weight"),
+                  (f"{hf}mlp.down_proj.weight", f"{mc}mlp.linear_fc2.weight")]
+    return pairs
+
+
+def _qkv_kinds(shape: ModelShape) -> Tuple[str, ...]:
+    return ("weight", "bias") if shape.add_qkv_bias else ("weight",)
+
+
 def hf_to_megatron(hf: Dict[str, torch.Tensor], shape: ModelShape) -> Dict[str, torch.Tensor]:
     """HF tensors -> the state dict of a one-rank (TP 1, PP 1) megatron-core ``GPTModel``."""
     g, n, d = _qkv_groups(shape)
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    if not shape.share_embeddings_and_output_weights:
-        out["output_layer.weight"] = hf["lm_head.weight"]
+    out = {mc: hf[name] for name, mc in _renamed(shape)}
     for i in range(shape.num_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for kind in ("weight", "bias") if shape.add_qkv_bias else ("weight",):
+        for kind in _qkv_kinds(shape):
             q, k, v = (hf[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv")
             rest = q.shape[1:]
             qkv = torch.cat([q.reshape(g, n * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
             out[f"{dst}self_attention.linear_qkv.{kind}"] = qkv.reshape(g * (n + 2) * d, *rest)
-        out[f"{dst}self_attention.linear_proj.weight"] = hf[f"{src}self_attn.o_proj.weight"]
-        out[f"{dst}input_layernorm.weight"] = hf[f"{src}input_layernorm.weight"]
-        out[f"{dst}pre_mlp_layernorm.weight"] = hf[f"{src}post_attention_layernorm.weight"]
         out[f"{dst}mlp.linear_fc1.weight"] = torch.cat([hf[f"{src}mlp.gate_proj.weight"], hf[f"{src}mlp.up_proj.weight"]])
-        out[f"{dst}mlp.linear_fc2.weight"] = hf[f"{src}mlp.down_proj.weight"]
     return out
 
 
 def megatron_to_hf(state: Dict[str, torch.Tensor], shape: ModelShape) -> Dict[str, torch.Tensor]:
     """The inverse of :func:`hf_to_megatron` (contiguous tensors, ready for safetensors)."""
     g, n, d = _qkv_groups(shape)
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
-    if not shape.share_embeddings_and_output_weights:
-        out["lm_head.weight"] = state["output_layer.weight"]
+    out = {name: state[mc] for name, mc in _renamed(shape)}
     for i in range(shape.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias") if shape.add_qkv_bias else ("weight",):
+        for kind in _qkv_kinds(shape):
             qkv = state[f"{src}self_attention.linear_qkv.{kind}"]
             rest = qkv.shape[1:]
             q, k, v = qkv.reshape(g, (n + 2) * d, *rest).split([n * d, d, d], dim=1)
             out[f"{dst}self_attn.q_proj.{kind}"] = q.reshape(g * n * d, *rest)
             out[f"{dst}self_attn.k_proj.{kind}"] = k.reshape(g * d, *rest)
             out[f"{dst}self_attn.v_proj.{kind}"] = v.reshape(g * d, *rest)
-        out[f"{dst}self_attn.o_proj.weight"] = state[f"{src}self_attention.linear_proj.weight"]
-        out[f"{dst}input_layernorm.weight"] = state[f"{src}input_layernorm.weight"]
-        out[f"{dst}post_attention_layernorm.weight"] = state[f"{src}pre_mlp_layernorm.weight"]
         gate, up = state[f"{src}mlp.linear_fc1.weight"].chunk(2)
         out[f"{dst}mlp.gate_proj.weight"], out[f"{dst}mlp.up_proj.weight"] = gate, up
-        out[f"{dst}mlp.down_proj.weight"] = state[f"{src}mlp.linear_fc2.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
