@@ -7,8 +7,8 @@ RNG states are restored only under the layout they were saved with. :func:`find_
 
 import contextlib
 import math
-import multiprocessing
 import os
+import queue
 import random
 import re
 import shutil
@@ -123,12 +123,14 @@ def _sharded_state(model: List, optimizer, is_loading: bool, with_rng: bool) -> 
 
 
 def _writer_queue_in_process() -> None:
-    """The checkpoint writer's report queue as a fork-context one: megatron-core's spawned manager
-    process would outlive a SIGKILLed rank, and synchronous saves write in this process or its forks."""
+    """The checkpoint writer's report queue as an in-process one. megatron-core's default, a spawned
+    manager process, would outlive a SIGKILLed rank; a multiprocessing queue would race (its ``put``
+    is flushed by a feeder thread, megatron reads it back at once with ``get_nowait``). Synchronous
+    saves put and get in this process (the write workers report through their own queue)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _write_tracker(root: str, iteration: int) -> None:

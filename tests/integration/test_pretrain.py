@@ -271,6 +271,16 @@ def test_context_parallel_trains_like_tensor_parallel(corpus, uninterrupted):
         assert rel_err(loss, uninterrupted["steps"][i]) <= 1e-5, (i, loss, uninterrupted["steps"][i])
 
 
+def test_ring_context_parallel_trains_like_tensor_parallel(corpus, uninterrupted):
+    """Run H: CP=4 with the ring (``--cp-comm-type p2p``) on four ranks from scratch: step by step the
+    losses of run A (TP=2)."""
+    out, steps, _ = _train(corpus, "--context-parallel-size", "4", "--cp-comm-type", "p2p", tp=1, nproc=4)
+    assert "TP=1 PP=1 CP=4 DP=1" in out
+    assert sorted(steps) == list(range(1, 9))
+    for i, loss in steps.items():
+        assert rel_err(loss, uninterrupted["steps"][i]) <= 1e-5, (i, loss, uninterrupted["steps"][i])
+
+
 A_CKPT = "{A}"  # stands for run A's checkpoint root in the rows below
 
 
