@@ -23,17 +23,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from mst_megatron.training import SetupError
+    from mst_megatron.training import run_cli
     from mst_megatron.training.hf import export_hf
 
-    try:
+    def work():
         out = export_hf(args.load, args.output, args.ckpt_step, args.hf_folder,
                         getattr(torch, args.dtype) if args.dtype else None)
-    except SetupError as e:
-        print(f"export_hf.py: error: {e}", file=sys.stderr)
-        return 2
-    print(f"export_hf: {args.load} -> {out}")
-    return 0
+        return f"export_hf: {args.load} -> {out}"
+
+    return run_cli("export_hf.py", work)
 
 
 if __name__ == "__main__":  # not at import: checkpoint writers re-import this file in helper processes

@@ -19,16 +19,14 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-folder", required=True, help="Hugging Face model folder (config.json, *.safetensors)")
     parser.add_argument("--save", required=True, help="new or empty checkpoint root to write")
     args = parser.parse_args(argv)
-    from mst_megatron.training import SetupError
+    from mst_megatron.training import run_cli
     from mst_megatron.training.hf import import_hf
 
-    try:
+    def work():
         shape = import_hf(args.hf_folder, args.save)
-    except SetupError as e:
-        print(f"import_hf.py: error: {e}", file=sys.stderr)
-        return 2
-    print(f"import_hf: {shape.description} -> {args.save} (--model-config {os.path.join(args.save, 'model_config.json')})")
-    return 0
+        return f"import_hf: {shape.description} -> {args.save} (--model-config {os.path.join(args.save, 'model_config.json')})"
+
+    return run_cli("import_hf.py", work)
 
 
 if __name__ == "__main__":  # not at import: checkpoint writers re-import this file in helper processes

@@ -9,9 +9,24 @@
 - :mod:`.pretrain`: model provider, optimizer, scheduler and the train/eval loop
 """
 
+import sys
+from typing import Callable
+
 
 class SetupError(ValueError):
     """Bad input found before any work starts; the CLI prints it as one line and exits 2."""
+
+
+def run_cli(prog: str, work: Callable[[], str]) -> int:
+    """``work()``, its returned line printed, exit code 0; a :class:`SetupError` printed as one line
+    ``prog: error: ...`` on stderr, exit code 2."""
+    try:
+        line = work()
+    except SetupError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(line)
+    return 0
 
 
 class RunError(RuntimeError):

@@ -16,3 +16,15 @@ def test_cli_bad_input_is_one_line_and_exit_2():
     assert result.stderr == ("plan_parallel.py: error: 3 nodes x 8 GPUs = 24 GPUs is not divisible by "
                              "--tensor-model-parallel-size (8) x --pipeline-model-parallel-size (1) x "
                              "--context-parallel-size (2) = 16\n")
+
+
+def test_hf_scripts_bad_input_is_one_line_and_exit_2(tmp_path):
+    for script, args, message in (
+        ("import_hf.py", ["--hf-folder", str(tmp_path / "none"), "--save", str(tmp_path / "ckpt")],
+         f"import_hf.py: error: {tmp_path / 'none'}: no config.json (expected a Hugging Face model folder)\n"),
+        ("export_hf.py", ["--load", str(tmp_path / "none"), "--output", str(tmp_path / "out")],
+         f"export_hf.py: error: {tmp_path / 'none' / 'hf'}: no config.json (expected a Hugging Face model folder)\n"),
+    ):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args],
+                                capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", message)
