@@ -27,12 +27,17 @@ def rel_err(actual, expected) -> float:
 
 class OpLog(GemmLog):
     """:class:`~mst_megatron.measure.flops.GemmLog` that also records host syncs (``syncs``: the ops
-    that read device values on the host) and, given ``width``, the most rows (``numel // width``) of
-    any non-view output whose last dim is ``width`` (``rows``: e.g. logits rows alive at once)."""
+    that read device values on the host) and, given ``width``, the shape of every non-view output whose
+    last dim is ``width`` (``shapes``; ``rows``: the most ``numel // width`` among them, e.g. the
+    logits rows alive at once)."""
 
     def __init__(self, width: int = 0):
         super().__init__()
-        self.width, self.rows, self.syncs = width, 0, []
+        self.width, self.shapes, self.syncs = width, [], []
+
+    @property
+    def rows(self) -> int:
+        return max((s.numel() for s in self.shapes), default=0) // max(self.width, 1)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -41,5 +46,5 @@ class OpLog(GemmLog):
         if self.width and not func.is_view:
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.width:
-                    self.rows = max(self.rows, t.numel() // self.width)
+                    self.shapes.append(t.shape)
         return out

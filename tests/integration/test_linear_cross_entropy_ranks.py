@@ -76,8 +76,9 @@ def _sp_body(num_chunks_list, threads):
             assert rel_err(h.grad, ref_dh[rows]) <= 1e-4, case
             # Backward keeps this rank's shard itself, not a gathered copy.
             assert saved_hidden.shape == h.shape and saved_hidden.data_ptr() == h.data_ptr(), case
-            if num_chunks > 1:  # no tensor as tall as the gathered sequence, in forward or backward
-                assert widest.rows < T, (case, widest.rows)
+            if num_chunks > 1:  # no [tokens, h] tensor as tall as the gathered sequence, forward or backward
+                tallest = max(s[0] for s in widest.shapes if len(s) == 2)
+                assert tallest < T, (case, tallest)
     with pytest.raises(ValueError, match=f"labels must be 1-D of length T={T}"):
         linear_cross_entropy(hidden[rows], weight[shard], labels[rows], 1, dist.group.WORLD, sequence_parallel=True)
 
