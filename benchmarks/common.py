@@ -243,12 +243,11 @@ def megatron_core_version() -> str:
 
 
 def provenance(source: str, load: Optional[Sequence[float]] = None, **extra) -> Dict:
-    """Where a row measured now comes from: the commit and whether tracked files other than the results
-    differ from it,
-    torch, megatron-core and Python versions, the UTC time, ``load`` (load averages; default now)
-    and ``source`` (the command that measured it)."""
-    return dict(commit=_git("rev-parse", "--short", "HEAD"),
-                dirty=bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")),
+    """Where a row measured now comes from: the commit and whether tracked files other than the
+    results differ from it, torch, megatron-core and Python versions, the UTC time, ``load`` (load
+    averages; default now) and ``source`` (the command that measured it)."""
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    return dict(commit=_git("rev-parse", "--short", "HEAD"), dirty=bool(changed),
                 torch=torch.__version__, megatron_core=megatron_core_version(),
                 python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
