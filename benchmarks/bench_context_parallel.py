@@ -210,13 +210,12 @@ def main(argv=None):
     if args.seq % (2 * granularity):
         raise SystemExit(f"--seq must be a multiple of {2 * granularity} (so is --seq / 2 of {granularity}), "
                          f"got {args.seq}")
-    load = load_average()
+    prov = provenance("python -m benchmarks.bench_context_parallel")  # the code as it is when the run starts
     report = run(args.seq)
     print_table(report)
     path = rows_path(args)
     if path:
-        prov = provenance("python -m benchmarks.bench_context_parallel", load=load, load_average_end=load_average())
-        write_rows(report_rows(report, prov), path)
+        write_rows(report_rows(report, dict(prov, load_average_end=load_average())), path)
 
 
 if __name__ == "__main__":

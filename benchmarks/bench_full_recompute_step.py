@@ -57,6 +57,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     import mst_megatron
 
     args = parse_args(argv)
+    prov = provenance("python -m benchmarks.bench_full_recompute_step")  # the code as it is when the run starts
     info = start_one_rank(args.threads)
     config = full_recompute_config(args.shape, torch.float32, args.layers)
     torch.manual_seed(0)
@@ -90,8 +91,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
           f"; before / after: {medians['mst-full-mlp-recompute'] / medians['mst']:.3f}")
     path = rows_path(args)
     if path:
-        prov = provenance("python -m benchmarks.bench_full_recompute_step", load=loads[0],
-                          load_averages_per_round=loads)
+        prov.update(load_average=loads[0], load_averages_per_round=loads)
         shape = model_shape(args.shape, args.layers, args.vocab, args.seq)
         name = machine_name(info, args.threads)
         write_rows([make_row("full_recompute_step", v, shape, "fp32", name,

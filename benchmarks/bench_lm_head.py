@@ -285,6 +285,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     import mst_megatron
 
+    prov = provenance("python -m benchmarks.bench_lm_head")  # the code as it is when the run starts
     machine = start_one_rank(args.threads)
     report = {
         "benchmark": "LM head + cross-entropy forward+backward, b=1, TP=1",
@@ -294,7 +295,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "results": [],
     }
     path = rows_path(args)
-    prov = provenance("python -m benchmarks.bench_lm_head")
 
     def save():  # after every measurement: long runs keep what they have measured
         if path:

@@ -298,13 +298,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     add_rows_argument(parser)
     args = parser.parse_args(argv)
+    prov = provenance("python -m benchmarks.bench_mlp")  # the code as it is when the run starts
     start_one_rank(args.threads)
     report = run(args)
     print_table(report)
     path = rows_path(args)
     if path:
-        prov = provenance("python -m benchmarks.bench_mlp", load=report["load_average"]["start"],
-                          load_average_end=report["load_average"]["end"], skipped=report["skipped"])
+        prov.update(load_average=report["load_average"]["start"], load_average_end=report["load_average"]["end"],
+                    skipped=report["skipped"])
         write_rows(report_rows(report, prov), path)
     mst_megatron.destroy_parallel()
 

@@ -111,6 +111,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     import mst_megatron
 
     args = parse_args(argv)
+    prov = provenance("python -m benchmarks.bench_model_step")  # the code as it is when the run starts
     machine = start_one_rank(args.threads)
     config = full_recompute_config(args.shape, torch.float32, args.layers)
     load_start = load_average()
@@ -139,8 +140,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print(f"load average (1, 5, 15 min): start {load_start}, end {load_end}")
     path = rows_path(args)
     if path:
-        prov = provenance("python -m benchmarks.bench_model_step", load=load_start, load_average_end=load_end)
-        write_rows(report_rows(report, prov), path)
+        write_rows(report_rows(report, dict(prov, load_average=load_start, load_average_end=load_end)), path)
     mst_megatron.destroy_parallel()
     return report
 

@@ -76,6 +76,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     import mst_megatron
 
     args = parse_args(argv)
+    prov = provenance("python -m benchmarks.flops_full_recompute")
     mst_megatron.init_parallel()
     try:
         config = full_recompute_config(args.shape, torch.bfloat16, args.layers, args.recompute_method,
@@ -90,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
           f"{flops['mst']['decoder'] / flops['sdpa']['decoder']:.3f}")
     path = rows_path(args)
     if path:
-        write_rows(report_rows(args, flops, provenance("python -m benchmarks.flops_full_recompute")), path)
+        write_rows(report_rows(args, flops, prov), path)
     return flops
 
 
