@@ -227,8 +227,12 @@ def shape_text(**fields) -> str:
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, check=True).stdout.strip()
+def _git(*args: str) -> Optional[str]:
+    """git's output in the repository, or None where this copy is no git checkout (or has no git)."""
+    try:
+        return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def megatron_core_version() -> str:
@@ -246,8 +250,10 @@ def provenance(source: str, load: Optional[Sequence[float]] = None, **extra) -> 
     """Where a row measured now comes from: the commit and whether tracked files other than the
     results differ from it, torch, megatron-core and Python versions, the UTC time, ``load`` (load
     averages; default now) and ``source`` (the command that measured it)."""
+    commit = _git("rev-parse", "--short", "HEAD")
     changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
-    return dict(commit=_git("rev-parse", "--short", "HEAD"), dirty=bool(changed),
+    unknown = "unrecorded (not a git checkout)"
+    return dict(commit=commit or unknown, dirty=unknown if changed is None else bool(changed),
                 torch=torch.__version__, megatron_core=megatron_core_version(),
                 python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),

@@ -137,6 +137,25 @@ def cpu_table(rows):
     return comparison(rows, DEVELOPERS_CPU, benchmarks) + "\n\n" + load_line(rows, DEVELOPERS_CPU, benchmarks)
 
 
+STEP_VARIANTS = {"sdpa": SDPA + " (the baseline)", "mst": "MST",
+                 "mst-full-mlp-recompute": "MST with the MLP computing in megatron's layer recompute (before)"}
+
+
+def step_time_table(rows):
+    """Interleaved whole-model step times on the developers' machine, MST against the SDPA baseline."""
+    chosen = [r for r in rows if r["machine"] == DEVELOPERS_CPU and r["benchmark"] == "full_recompute_step"]
+    lines = []
+    for shape in sorted({r["shape"] for r in chosen}):
+        by = {r["variant"]: r["metrics"] for r in chosen if r["shape"] == shape}
+        for variant, label in STEP_VARIANTS.items():
+            m = by[variant]
+            lines.append([short_shape(shape), f"{int(shape_field(shape, 'S')) // 1024}K", label,
+                          ", ".join(seconds(t) for t in m["times_s"]), seconds(m["time_s"]),
+                          ratio(m["time_s"] / by["sdpa"]["time_s"])])
+    return (markdown(["shape", "S", "variant", "rounds", "median", "time / baseline"], lines)
+            + "\n\n" + load_line(rows, DEVELOPERS_CPU, ["full_recompute_step"]))
+
+
 def xeon_table(rows):
     benchmarks = ["mlp", "layer_full_recompute"]
     cpu = []
@@ -213,7 +232,7 @@ def lm_head_gemms_table(rows):
 
 
 TABLES: Dict[str, Callable[[List[Dict]], str]] = {
-    "cpu": cpu_table, "xeon-mcore-chunks": xeon_table, "gpu": gpu_table, "gpu-reach": reach_table,
+    "cpu": cpu_table, "cpu-step-time": step_time_table, "xeon-mcore-chunks": xeon_table, "gpu": gpu_table, "gpu-reach": reach_table,
     "flops": flops_table, "context-parallel": context_parallel_table, "lm-head-gemms": lm_head_gemms_table,
 }
 MARKER = re.compile(r"<!-- table:([\w-]+) -->\n.*?<!-- /table:\1 -->", re.S)
