@@ -50,3 +50,8 @@ def test_check_fails_on_an_edited_table(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(edited)
     assert tables.main(["--check", "--readme", str(readme)]) == 1
+
+
+def test_an_unknown_table_name_is_an_error():
+    with pytest.raises(ValueError, match="unknown table 'nope'"):
+        tables.render("<!-- table:nope -->\n<!-- /table:nope -->", [])
