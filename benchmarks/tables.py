@@ -148,11 +148,13 @@ def step_time_table(rows):
     for shape in sorted({r["shape"] for r in chosen}):
         by = {r["variant"]: r["metrics"] for r in chosen if r["shape"] == shape}
         for variant, label in STEP_VARIANTS.items():
-            m = by[variant]
+            m, base = by[variant], by["sdpa"]
             lines.append([short_shape(shape), f"{int(shape_field(shape, 'S')) // 1024}K", label,
                           ", ".join(seconds(t) for t in m["times_s"]), seconds(m["time_s"]),
-                          ratio(m["time_s"] / by["sdpa"]["time_s"])])
-    return (markdown(["shape", "S", "variant", "rounds", "median", "time / baseline"], lines)
+                          ", ".join(ratio(t / b) for t, b in zip(m["times_s"], base["times_s"])),
+                          ratio(m["time_s"] / base["time_s"])])
+    return (markdown(["shape", "S", "variant", "rounds", "median", "per round / baseline", "median / baseline"],
+                     lines)
             + "\n\n" + load_line(rows, DEVELOPERS_CPU, ["full_recompute_step"]))
 
 
