@@ -26,38 +26,33 @@ CP=2 (TP always with sequence parallelism). Each rank measures its own step with
   predicted from the line, then narrowed between the longest length measured to fit and the
   shortest measured not to (the JSON keeps both).
 
-Writes ``results/bench_context_parallel_cpu.json`` and the curve (longest S vs GPU count) as a PNG
-next to it.
+Rows (``results/rows.jsonl``): benchmark ``context_parallel_step``, one per layout (the largest
+rank's figures); ``benchmarks/tables.py`` draws the curve (longest S against GPU count) from them.
 
 Examples::
 
-    nice -n 19 python benchmarks/bench_context_parallel.py                 # S = 2048
-    python benchmarks/bench_context_parallel.py --seq 512 --out /tmp/cp.json  # a quick smoke run
+    nice -n 19 python -m benchmarks.bench_context_parallel                       # S = 2048
+    python -m benchmarks.bench_context_parallel --seq 512 --rows /tmp/rows.jsonl  # a quick smoke run
 """
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_common import machine  # noqa: E402
-from mst_megatron.measure.memory import measure_peak  # noqa: E402
-from tests.helpers.multirank import run_on_ranks  # noqa: E402
+from benchmarks.common import (add_rows_argument, load_average, machine, machine_name, make_row, provenance,
+                               rows_path, shape_text, write_rows)
+from mst_megatron.measure.memory import measure_peak
+from tests.helpers.multirank import run_on_ranks
 
 SHAPE = dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8, num_query_groups=4)
 VOCAB = 2048
 # name: (TP, CP); TP=2 alone separates what TP + SP contribute from what CP does
 LAYOUTS = {"1": (1, 1), "CP=2": (1, 2), "CP=4": (1, 4), "TP=2": (2, 1), "TP=2 x CP=2": (2, 2)}
 TARGET_SLACK = 0.15  # per-rank activations within 15% of 1/(TP x CP) of the single rank's
-DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "bench_context_parallel_cpu.json")
 
 
 class Trainer:
@@ -191,49 +186,36 @@ def print_table(report) -> None:
     print(f"target (activations within {TARGET_SLACK:.0%} of 1/(TP x CP)) met: {report['target_met']}")
 
 
-def plot(report, path: str) -> None:
-    """Longest sequence vs GPU count, per layout family, against linear growth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = report["results"]
-    single = results[0]["longest"]["seq"]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    worlds = sorted({r["world"] for r in results})
-    ax.plot(worlds, [single * w for w in worlds], "k--", label="linear in GPU count")
-    for family, keep in (("CP", lambda r: r["tp"] == 1), ("TP=2, TP=2 x CP=2", lambda r: r["tp"] > 1 or r["world"] == 1)):
-        rows = [r for r in results if keep(r)]
-        ax.plot([r["world"] for r in rows], [r["longest"]["seq"] for r in rows], "o-", label=family)
-        for r in rows:
-            ax.annotate(r["layout"], (r["world"], r["longest"]["seq"]), textcoords="offset points", xytext=(5, -12))
-    ax.set_xlabel("GPUs (gloo ranks here)")
-    ax.set_ylabel("longest global sequence (tokens)")
-    ax.set_xticks(worlds)
-    ax.set_title(f"MST + context parallelism: per-rank budget {report['settings']['budget_bytes'] / 2**20:.0f} MiB")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def report_rows(report, prov) -> list:
+    """One row per layout of a report of :func:`run`."""
+    s, shape = report["settings"], report["settings"]["shape"]
+    text = shape_text(L=shape["num_layers"], h=shape["hidden_size"], ffn=shape["ffn_hidden_size"],
+                      heads=f"{shape['num_attention_heads']}/{shape['num_query_groups']}", V=s["vocab"], S=s["seq"],
+                      b=s["batch"])
+    name = machine_name(report["machine"], s["threads_per_rank"]) + " per rank"
+    return [make_row("context_parallel_step", r["layout"], text, s["dtype"], name,
+                     {"tp": r["tp"], "cp": r["cp"], "world": r["world"], "peak_bytes": r["points"][1]["peak"],
+                      "fixed_bytes": r["fixed"], "act_bytes": r["act"], "bytes_per_token": r["bytes_per_token"],
+                      "budget_bytes": r["budget"], "longest_seq": r["longest"]["seq"],
+                      "longest_peak_bytes": r["longest"]["peak"], "points": r["points"]}, prov)
+            for r in report["results"]]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, default=2048, help="global sequence length for the memory table")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON report path (the PNG goes next to it)")
+    add_rows_argument(parser)
     args = parser.parse_args(argv)
     granularity = max(2 * cp * tp for tp, cp in LAYOUTS.values())
     if args.seq % (2 * granularity):
         raise SystemExit(f"--seq must be a multiple of {2 * granularity} (so is --seq / 2 of {granularity}), "
                          f"got {args.seq}")
+    prov = provenance("python -m benchmarks.bench_context_parallel")  # the code as it is when the run starts
     report = run(args.seq)
     print_table(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    png = os.path.splitext(args.out)[0] + ".png"
-    plot(report, png)
-    print(f"\nwrote {args.out} and {png}")
+    path = rows_path(args)
+    if path:
+        write_rows(report_rows(report, dict(prov, load_average_end=load_average())), path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stock megatron-core against MST on one CUDA GPU: peak memory and time of forward + backward.
 
-The GPU counterpart of ``bench_lm_head.py``, ``bench_mlp.py`` and ``bench_model_step.py``, in one
+The GPU counterpart of ``bench_lm_head``, ``bench_mlp`` and ``bench_model_step``, in one
 process with the baseline and MST side by side. Each case builds its variants with the same weights
 and inputs and, per variant:
 
@@ -27,9 +27,14 @@ Cases (bf16 unless named; b=1):
   ``sdpa`` (GPTModel, MST layer spec unchunked: the attention alone) and MST (layer spec + head),
   at 8K, 32K, 64K and 128K.
 
-    python benchmarks/bench_cuda.py --out results.json          # everything (~3-4 min on an H200)
-    python benchmarks/bench_cuda.py --quick --out /tmp/q.json   # tiny shapes, seconds (CPU too)
-    python benchmarks/bench_cuda.py --reach 32 --out reach.json # Llama-3-8B: how long a sequence fits
+Rows: benchmark ``cuda_<part>`` (``cuda_lm_head``, ``cuda_mlp``, ``cuda_layer_full_recompute``,
+``cuda_model_step``, ``cuda_reach``), machine the GPU's name, one per variant and shape, written
+after every case. On the GPU machine write them under its output folder and merge them here with
+``python -m benchmarks.tables --merge cuda-results/rows.jsonl``.
+
+    python -m benchmarks.bench_cuda --rows out/rows.jsonl              # everything (~3-4 min on an H200)
+    python -m benchmarks.bench_cuda --quick                            # tiny shapes, seconds (CPU too), no rows
+    python -m benchmarks.bench_cuda --reach 32 --rows out/rows.jsonl   # Llama-3-8B: how long a sequence fits
 
 On a machine without CUDA (``--quick`` only) the same code runs on the CPU with wall-clock times
 and no memory figures: a smoke test of the script, not a measurement.
@@ -37,22 +42,19 @@ and no memory figures: a smoke test of the script, not a measurement.
 
 import argparse
 import gc
-import json
 import os
 import statistics
-import sys
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench_common import start_one_rank  # noqa: E402
-from bench_lm_head import build_head, interleaved_times, mst_step, stock_step, wall_seconds  # noqa: E402
-from bench_mlp import QUICK_SHAPE, SHAPE, make_config, variants  # noqa: E402
-from bench_model_step import build as build_model  # noqa: E402
-from mst_megatron.measure.memory import format_bytes, measure_cuda_peak  # noqa: E402
+from benchmarks.bench_lm_head import build_head, mst_step, stock_step
+from benchmarks.bench_mlp import variants
+from benchmarks.common import (QUICK_SHAPE, SHAPE, add_rows_argument, build_model, full_recompute_config,
+                               interleaved_times, load_average, machine_name, make_row, model_inputs, provenance,
+                               rows_path, shape_text, start_one_rank, wall_seconds, write_rows)
+from mst_megatron.measure.memory import format_bytes, measure_cuda_peak
 
 LLAMA3_8B = dict(hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8)
 VOCAB = 128256
@@ -169,7 +171,9 @@ def lm_head_case(device, hidden_size: int, seq: int, dtype, vocab: int = VOCAB) 
 
 def module_case(part: str, device, shape: Dict, seq: int, dtype) -> Case:
     """``mlp``: stock MLP vs MST MLP; ``layer``: local spec vs MST spec M=1 vs MST spec, full recompute."""
-    _, modules = variants(part, shape, dtype, "auto")
+    _, modules, _ = variants(part, shape, dtype, "auto", seq)
+    if part == "mlp":  # megatron's MLP chunks run inside a layer (residual added): not comparable here
+        modules.pop("mcore-chunks", None)
     g = torch.Generator().manual_seed(seq)
     x = torch.randn(seq, 1, shape["hidden_size"], generator=g).to(device, dtype).requires_grad_()
     grad_out = torch.randn(seq, 1, shape["hidden_size"], generator=g).to(device, dtype)
@@ -196,11 +200,9 @@ def module_case(part: str, device, shape: Dict, seq: int, dtype) -> Case:
 
 
 def model_case(device, shape: Dict, layers: int, seq: int, dtype, vocab: int = VOCAB) -> Case:
-    config = make_config(shape, dtype, num_layers=layers, use_cpu_initialization=False,
-                         recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    config = full_recompute_config(shape, dtype, layers, use_cpu_initialization=False)
     # megatron's torch norms are built on the CPU whatever the config: move every model.
-    models = {name: build_model(name, config, vocab, seq, ("auto", "auto")).to(device)
-              for name in ("stock", "sdpa", "mst")}
+    models = {name: build_model(name, config, vocab, seq).to(device) for name in ("stock", "sdpa", "mst")}
     weights = models["stock"].state_dict()
     for model in models.values():
         model.load_state_dict(weights, strict=True)
@@ -209,10 +211,7 @@ def model_case(device, shape: Dict, layers: int, seq: int, dtype, vocab: int = V
         from megatron.core.transformer.module import Float16Module
 
         models = {name: Float16Module(config, model) for name, model in models.items()}
-    g = torch.Generator().manual_seed(seq)
-    tokens = torch.randint(0, vocab, (1, seq), generator=g).to(device)
-    labels = torch.randint(0, vocab, (1, seq), generator=g).to(device)
-    positions = torch.arange(seq, device=device).unsqueeze(0)
+    tokens, labels, positions = (t.to(device) for t in model_inputs(vocab, seq, seed=seq))
 
     def step_of(model):
         def step():
@@ -238,17 +237,14 @@ def reach(args, device, layers: int, save: Callable[[List[Dict]], None], dtype=t
     ``args.reach_seqs`` (ascending) until one runs out of memory. Weights, gradients and activations
     only: no optimizer state (Adam's would not fit one GPU beside an 8B model's weights). ``save(rows)``
     runs after every step."""
-    config = make_config(LLAMA3_8B, dtype, num_layers=layers, use_cpu_initialization=False,
-                         recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    config = full_recompute_config(LLAMA3_8B, dtype, layers, use_cpu_initialization=False)
     from megatron.core.transformer.module import Float16Module
 
     rows = []
     for name in ("sdpa", "mst"):
-        model = Float16Module(config, build_model(name, config, VOCAB, max(args.reach_seqs), ("auto", "auto")).to(device))
+        model = Float16Module(config, build_model(name, config, VOCAB, max(args.reach_seqs)).to(device))
         for seq in sorted(args.reach_seqs):
-            g = torch.Generator().manual_seed(seq)
-            tokens, labels = (torch.randint(0, VOCAB, (1, seq), generator=g).to(device) for _ in range(2))
-            positions = torch.arange(seq, device=device).unsqueeze(0)
+            tokens, labels, positions = (t.to(device) for t in model_inputs(VOCAB, seq, seed=seq))
             memory = {}
 
             def step():
@@ -318,9 +314,46 @@ def summary_line(result: Dict) -> str:
     return head + "\n    " + "\n    ".join(parts)
 
 
+BENCHMARKS = {"lm_head": "cuda_lm_head", "mlp": "cuda_mlp", "layer": "cuda_layer_full_recompute",
+              "model": "cuda_model_step", "reach": "cuda_reach"}
+SHAPE_NAMES = {"layers": "L", "hidden": "h", "hidden_size": "h", "ffn_hidden_size": "ffn", "vocab": "V", "seq": "S"}
+DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
+
+
+def case_shape(result: Dict) -> str:
+    """A row's ``shape`` from a case's label: ``L h ffn heads V S`` as far as the case has them, b=1."""
+    if result["part"] == "reach":
+        result = dict(result, **LLAMA3_8B, vocab=VOCAB)
+    fields = {SHAPE_NAMES[k]: result[k] for k in ("layers", "hidden", "hidden_size", "ffn_hidden_size") if k in result}
+    if "num_attention_heads" in result:
+        fields["heads"] = f"{result['num_attention_heads']}/{result['num_query_groups']}"
+    fields.update({SHAPE_NAMES[k]: result[k] for k in ("vocab", "seq") if k in result})
+    return shape_text(**fields, b=1)
+
+
+def variant_metrics(v: Dict) -> Dict:
+    """A variant's measurements as row metrics: the memory figures in bytes, times, errors, OOM."""
+    metrics = {f"{k}_bytes": x for k, x in v.get("memory", {}).items()}
+    metrics.update({k: v[k] for k in ("peak_bytes", "time_s", "times_s", "rel_err", "oom", "error", "skipped")
+                    if k in v})
+    return metrics
+
+
+def report_rows(report: Dict, prov: Dict) -> List[Dict]:
+    """One row per variant of every case (or reach step) in a report of :func:`main`."""
+    name = report["gpu"]["name"] if "gpu" in report else machine_name(report["machine"])
+    rows = []
+    for r in report["results"]:
+        variants_ = r["variants"] if "variants" in r else {r["variant"]: r}
+        dtype = DTYPE_NAMES.get(r.get("dtype", "bfloat16"))
+        for variant, v in variants_.items():
+            rows.append(make_row(BENCHMARKS[r["part"]], variant, case_shape(r), dtype, name, variant_metrics(v), prov))
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="JSON report path")
+    add_rows_argument(p)
     p.add_argument("--model-seqs", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -339,7 +372,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     import mst_megatron
 
     started = time.perf_counter()
-    report = dict(benchmark=__doc__.split("\n\n")[0], config=vars(args), machine=start_one_rank(None))
+    report = dict(config=vars(args), machine=start_one_rank(None))
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -348,11 +381,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                              tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
                              alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     report["results"], report["not_run"] = [], []
+    path = rows_path(args)
+    prov = provenance("python -m benchmarks.bench_cuda", gpu=report.get("gpu"))
 
     def save(results):
         report["results"] = results
-        with open(args.out, "w") as f:  # after every case: a run cut short keeps what it measured
-            json.dump(report, f, indent=1)
+        if path:  # after every case: a run cut short keeps what it measured
+            write_rows(report_rows(report, prov), path)
 
     if args.reach:
         reach(args, device, args.reach, save)
@@ -370,7 +405,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(summary_line(result), flush=True)
     report["seconds"] = time.perf_counter() - started
     save(report["results"])
-    print(f"wrote {args.out} ({report['seconds']:.0f} s; cases not run: {report['not_run']})")
+    print(f"{report['seconds']:.0f} s; cases not run: {report['not_run']}; load average now {load_average()}")
     mst_megatron.destroy_parallel()
     return report
 

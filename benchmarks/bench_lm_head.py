@@ -13,101 +13,28 @@ weight and its gradient, the hidden state and its gradient. Times are medians of
 after warm-up. A case whose estimated peak does not fit in the memory available now (with a margin)
 is reported as not measured, with its estimate, instead of risking the machine.
 
-    python benchmarks/bench_lm_head.py                  # S = 2K, 8K, 32K at V=128256, h=1024, fp32
-    python benchmarks/bench_lm_head.py --quick          # tiny sizes, seconds
-    python benchmarks/bench_lm_head.py --bf16 --seq-lengths 8192
-    python benchmarks/bench_lm_head.py --chunk-gemms 256 373 --threads 2   # one chunk's GEMMs, GFLOP/s
+    python -m benchmarks.bench_lm_head --threads 2        # S = 2K, 8K, 32K at V=128256, h=1024, fp32
+    python -m benchmarks.bench_lm_head --quick            # tiny sizes, seconds, no rows
+    python -m benchmarks.bench_lm_head --bf16 --seq-lengths 8192
+    python -m benchmarks.bench_lm_head --chunk-gemms 256 373 --threads 2   # one chunk's GEMMs, GFLOP/s
 
-``results/bench_lm_head_8k_blocked.json`` is the current op at S = 8K with ``--threads 2`` and
-``--repeats 5`` on a quiet machine; ``results/bench_lm_head_2k_32k_blocked.json`` the same op at 2K
-(timed) and 32K (memory only). Earlier designs, kept for comparison: ``results/bench_lm_head_8k_fused*.json``
-(the same GEMMs before the reused logits buffer and the per-thread vocab blocks),
-``results/bench_lm_head.json`` (S = 2K, 8K, 32K, ``--threads 1``, a shared machine) recomputed the
-logits in backward with whole-vocabulary chunks, ``results/bench_lm_head_8k_tiled*.json``
-(``--threads 2``, quiet) in 8192-column vocabulary tiles.
-
-The helpers (``floor_bytes``, ``measure_memory``, ``interleaved_times``, ``mem_available_bytes``,
-``add_ratios``, ``print_table``) take any step function, so whole-model comparisons can reuse them.
+Rows (``results/rows.jsonl``): benchmark ``lm_head`` (a variant per implementation and S; an MST
+variant's name carries its chunk count, ``mst M=32``; a case not run for memory has
+``measured: false`` and its estimate) or ``lm_head_chunk_gemms`` (a variant per vocab block count).
 """
 
 import argparse
-import json
-import os
 import statistics
-import sys
-import time
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (add_rows_argument, clear_grads, floor_bytes, interleaved_times, load_average,
+                               machine_name, make_row, measure_memory, mem_available_bytes, print_table,
+                               provenance, rows_path, shape_text, start_one_rank, write_rows)
+from mst_megatron.measure.memory import format_bytes
 
-from bench_common import start_one_rank  # noqa: E402
-from mst_megatron.measure.memory import format_bytes, measure_peak  # noqa: E402
-
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_lm_head.json")
-
-
-# ---------------------------------------------------------------- reusable measurement helpers
-
-
-def mem_available_bytes() -> int:
-    """The kernel's estimate of memory available to a new allocation (``MemAvailable``), in bytes."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("MemAvailable not found in /proc/meminfo")
-
-
-def floor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of ``tensors`` plus one gradient of the same size each: what any implementation holds."""
-    return 2 * sum(t.numel() * t.element_size() for t in tensors)
-
-
-def clear_grads(tensors: Iterable[torch.Tensor]) -> None:
-    for t in tensors:
-        t.grad = None
-
-
-def measure_memory(step: Callable[[], None], externals: List[torch.Tensor], floor: int) -> Dict[str, int]:
-    """Peak of one ``step()`` by category (``measure_peak``, allocator figure included), plus its
-    ``above_floor``; gradients of ``externals`` are cleared afterwards."""
-    peak = measure_peak(step, externals, allocator=True)
-    clear_grads(externals)
-    peak["above_floor"] = peak["total"] - floor
-    return peak
-
-
-def wall_seconds(step: Callable[[], None]) -> float:
-    """Wall-clock seconds of one ``step()`` (CPU: the work is done when it returns)."""
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
-def interleaved_times(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int,
-                      after_each: Callable[[], None] = lambda: None,
-                      seconds: Callable[[Callable[[], None]], float] = wall_seconds) -> Dict[str, List[float]]:
-    """Seconds per call of each step: ``warmup`` unrecorded rounds, then ``repeats`` recorded ones.
-
-    The steps are interleaved within each round, so drifting load on a shared machine hits all alike.
-    """
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    for round_ in range(warmup + repeats):
-        for name, step in steps.items():
-            elapsed = seconds(step)
-            after_each()
-            if round_ >= warmup:
-                times[name].append(elapsed)
-    return times
-
-
-def print_table(rows: List[Dict], columns: List[str]) -> None:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+CATEGORIES = ("PARAM", "GRAD", "ACT", "TEMP", "OTH")
 
 
 # ---------------------------------------------------------------- the LM head case
@@ -171,11 +98,6 @@ def estimated_peak(num_chunks: Optional[int], tokens: int, vocab: int, hidden: i
     rows = -(-tokens // num_chunks)
     fp32_dw = 0 if dtype == torch.float32 else 4 * vocab * hidden
     return floor + 3 * 4 * rows * vocab + fp32_dw
-
-
-def load_average() -> float:
-    """1-minute load average: how busy the (shared) machine was."""
-    return os.getloadavg()[0]
 
 
 def run_seq_length(args, seq: int) -> Dict:
@@ -296,6 +218,37 @@ def table_rows(results: List[Dict]) -> List[Dict]:
     return rows
 
 
+def report_rows(report: Dict, prov: Dict) -> List[Dict]:
+    """The rows of a report of :func:`main` (its ``results`` or its ``chunk_gemms``)."""
+    c = report["config"]
+    name = machine_name(report["machine"], c["threads"])
+    rows = []
+    for r in report["results"]:
+        shape = shape_text(h=c["hidden"], V=c["vocab"], S=r["seq_length"], b=c["batch"])
+        for variant, v in r["variants"].items():
+            metrics = {"measured": v["measured"], "floor_bytes": r["floor_bytes"],
+                       "estimated_peak_bytes": v["estimated_peak_bytes"]}
+            if v["measured"]:
+                p = v["peak"]
+                metrics.update(peak_bytes=p["total"], above_floor_bytes=p["above_floor"],
+                               allocator_peak_delta_bytes=p["allocator_peak_delta"],
+                               peak_by_category_bytes={k: p[k] for k in CATEGORIES})
+            else:
+                metrics.update(reason=v["reason"])
+            metrics.update({k: v[k] for k in ("time_s", "times_s") if k in v})
+            label = "stock" if v["chunks"] is None else f"mst M={v['chunks']}"
+            rows.append(make_row("lm_head", label, shape, report["dtype"], name, metrics,
+                                 dict(prov, load_average=r["load_average_start"],
+                                      load_average_end=r["load_average_end"])))
+    for r in report.get("chunk_gemms", []):
+        shape = shape_text(rows=r["rows"], h=c["hidden"], V=c["vocab"])
+        for blocks, entry in r["blocks"].items():
+            variant = f"{blocks} vocab block{'s' * (blocks != '1')}"
+            rows.append(make_row("lm_head_chunk_gemms", variant, shape, "fp32", name, dict(entry, rounds=r["rounds"]),
+                                 prov))
+    return rows
+
+
 COLUMNS = ["S", "impl", "chunks", "PARAM", "GRAD", "ACT", "TEMP", "OTH", "total", "floor", "above floor",
            "allocator", "time", "above-floor ratio", "time ratio", "paired"]
 
@@ -320,12 +273,10 @@ def parse_args(argv: Optional[List[str]] = None):
                    help="only time one chunk's GEMMs of ROWS tokens, one vocab block against the op's choice")
     p.add_argument("--gemm-rounds", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="tiny sizes (V=4096, h=64, S=256, 1024)")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    add_rows_argument(p)
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.hidden, args.seq_lengths = 4096, 64, [256, 1024]
-    if args.chunk_gemms and args.out == DEFAULT_OUT:
-        args.out = DEFAULT_OUT.replace(".json", "_chunk_gemms.json")
     args.mini_sequences = [m if m == "auto" else int(m) for m in args.mini_sequences]
     return args
 
@@ -334,19 +285,20 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     import mst_megatron
 
+    prov = provenance("python -m benchmarks.bench_lm_head")  # the code as it is when the run starts
     machine = start_one_rank(args.threads)
     report = {
         "benchmark": "LM head + cross-entropy forward+backward, b=1, TP=1",
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "config": {k: v for k, v in vars(args).items() if k != "rows"},
         "dtype": "bf16" if args.bf16 else "fp32",
         "machine": machine,
         "results": [],
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    path = rows_path(args)
 
     def save():  # after every measurement: long runs keep what they have measured
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        if path:
+            write_rows(report_rows(report, prov), path)
 
     if args.chunk_gemms:
         report["benchmark"] = "one chunk's three LM head GEMMs, fp32"
@@ -361,7 +313,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             print_table(table_rows(report["results"][-1:]), COLUMNS)
             save()
         print_table(table_rows(report["results"]), COLUMNS)
-    print(f"wrote {args.out}")
     mst_megatron.destroy_parallel()
     return report
 

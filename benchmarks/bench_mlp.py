@@ -27,44 +27,34 @@ recorded: on a shared machine the CPU-time ratio is the steadier measure of the 
 load average at start and end says how shared it was. At S >= 32K: ``--long-repeats`` rounds, the
 memory run serving as the warm-up.
 
+Rows (``results/rows.jsonl``): benchmark ``mlp`` or ``layer_full_recompute``, one per variant and S;
+an MST variant's name carries its chunk count (``mst M=8``).
+
 Examples::
 
-    python benchmarks/bench_mlp.py                      # S = 2K, 8K, 32K; fp32
-    python benchmarks/bench_mlp.py --seq 8192 --parts mlp
-    python benchmarks/bench_mlp.py --quick              # tiny sizes, seconds
+    python -m benchmarks.bench_mlp --threads 2          # S = 2K, 8K, 32K; fp32
+    python -m benchmarks.bench_mlp --seq 8192 --parts mlp
+    python -m benchmarks.bench_mlp --quick              # tiny sizes, seconds, no rows
 """
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mst_megatron
+from benchmarks.common import (QUICK_SHAPE, SHAPE, add_rows_argument, load_average, machine, machine_name,
+                               make_config, make_row, provenance, rows_path, shape_text, start_one_rank,
+                               write_rows)
+from mst_megatron.measure.memory import format_bytes, measure_peak
 
-import mst_megatron  # noqa: E402
-from bench_common import machine, start_one_rank  # noqa: E402
-from mst_megatron.measure.memory import format_bytes, measure_peak  # noqa: E402
-
-SHAPE = dict(hidden_size=1024, ffn_hidden_size=3584, num_attention_heads=8, num_query_groups=2)
-QUICK_SHAPE = dict(hidden_size=128, ffn_hidden_size=448, num_attention_heads=8, num_query_groups=2)
 CATEGORIES = ("PARAM", "GRAD", "ACT", "TEMP", "OTH")
 LONG = 32768
 # The stock layer is skipped when its attention scores and probabilities alone exceed this share of
 # the available memory (they are a lower bound of what it needs).
 STOCK_LAYER_MEMORY_SHARE = 0.6
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_mlp.json")
-
-
-def make_config(shape, dtype, **overrides):
-    from mst_megatron.specs.llama_config import llama_transformer_config
-
-    fields = dict(num_layers=1, **shape, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-                  params_dtype=dtype, bf16=dtype == torch.bfloat16)
-    return llama_transformer_config(**{**fields, **overrides})
+BENCHMARKS = {"mlp": "mlp", "layer": "layer_full_recompute"}
 
 
 def build_mlp(config, mlp_mini_sequences=None):
@@ -193,7 +183,7 @@ def run(args):
     mst_m = args.mini_sequences if args.mini_sequences == "auto" else int(args.mini_sequences)
     torch.manual_seed(0)
     results, skipped = [], []
-    load_average = {"start": os.getloadavg()}  # the machine may be shared: read times with this
+    loads = {"start": load_average()}  # the machine may be shared: read times with this
     for seq in args.seq or ([256, 1024] if args.quick else [2048, 8192, LONG]):
         for part in args.parts:
             config, modules, count = variants(part, shape, dtype, mst_m, seq)
@@ -227,11 +217,11 @@ def run(args):
                       f"peak {format_bytes(row['peak']['total']):>11s} "
                       f"above floor {format_bytes(row['above_floor']):>11s} time {row['time_s']:.3f}s",
                       flush=True)
-    load_average["end"] = os.getloadavg()
+    loads["end"] = load_average()
     settings = dict(dtype=args.dtype, batch=1, shape=shape, quick=args.quick, rope=False,
                     mlp_mini_sequences=args.mini_sequences, warmup=args.warmup, repeats=args.repeats,
                     long_repeats=args.long_repeats, threads=torch.get_num_threads())
-    return dict(machine=machine(), settings=settings, load_average=load_average, results=results,
+    return dict(machine=machine(), settings=settings, load_average=loads, results=results,
                 skipped=skipped, ratios=ratios(results))
 
 
@@ -251,6 +241,23 @@ def ratios(results):
                             peak_ratio=r["peak"]["total"] / b["peak"]["total"],
                             time_ratio=paired("times_s"), cpu_time_ratio=paired("cpu_times_s")))
     return out
+
+
+def report_rows(report, prov):
+    """One row per measured variant, part and S of a report of :func:`run`."""
+    settings, shape = report["settings"], report["settings"]["shape"]
+    name = machine_name(report["machine"], settings["threads"])
+    rows = []
+    for r in report["results"]:
+        variant = r["variant"] if r["variant"] in ("stock", "mst-M1") else f"{r['variant']} M={r['mini_sequences']}"
+        text = shape_text(h=shape["hidden_size"], ffn=shape["ffn_hidden_size"],
+                          heads=f"{shape['num_attention_heads']}/{shape['num_query_groups']}", S=r["seq"], b=1)
+        metrics = {"peak_bytes": r["peak"]["total"], "above_floor_bytes": r["above_floor"], "floor_bytes": r["floor"],
+                   "allocator_peak_delta_bytes": r["peak"]["allocator_peak_delta"],
+                   "peak_by_category_bytes": {k: r["peak"][k] for k in CATEGORIES},
+                   **{k: r[k] for k in ("time_s", "cpu_time_s", "times_s", "cpu_times_s")}}
+        rows.append(make_row(BENCHMARKS[r["part"]], variant, text, settings["dtype"], name, metrics, prov))
+    return rows
 
 
 def print_table(report):
@@ -289,15 +296,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-repeats", type=int, default=1, help="timed runs at S >= 32K")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON report path")
+    add_rows_argument(parser)
     args = parser.parse_args(argv)
+    prov = provenance("python -m benchmarks.bench_mlp")  # the code as it is when the run starts
     start_one_rank(args.threads)
     report = run(args)
     print_table(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nwrote {args.out}")
+    path = rows_path(args)
+    if path:
+        prov.update(load_average=report["load_average"]["start"], load_average_end=report["load_average"]["end"],
+                    skipped=report["skipped"])
+        write_rows(report_rows(report, prov), path)
     mst_megatron.destroy_parallel()
 
 

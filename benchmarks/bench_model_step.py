@@ -5,70 +5,49 @@ with 8 query heads and 2 KV groups, vocab 128256, untied; 4 layers by default. B
 megatron's full activation recompute (uniform, one layer per checkpoint), the best memory setting
 stock megatron-core offers without Transformer Engine:
 
-* ``stock``: ``GPTModel`` with megatron's ``get_gpt_layer_local_spec()``; the loss from its labels path
-  (full logits, then the vocab-parallel cross-entropy).
-* ``mst``: ``MSTGPTModel`` with the MST layer spec (SDPA attention, mini-sequence MLP) and the
-  mini-sequence LM head, chunk counts ``auto`` unless given; same weights (stock ``state_dict``
-  loaded with ``strict=True``).
+* ``stock``: ``GPTModel`` with megatron's ``get_gpt_layer_local_spec()`` (attention through the
+  ``[b, heads, s, s]`` scores); the loss from its labels path (full logits, then the vocab-parallel
+  cross-entropy).
+* ``sdpa``: the same ``GPTModel`` and head with the MST layer spec unchunked: MST's SDPA attention,
+  megatron's MLP computation. MST against this one is what the mini-sequences alone do.
+* ``mst``: ``MSTGPTModel`` with the MST layer spec and head, chunk counts ``auto`` unless given.
+
+(:func:`benchmarks.common.build_model`.) All three run the same weights (stock's ``state_dict``
+loaded with ``strict=True``).
 
 The step is ``model(tokens, positions, None, labels=labels).mean().backward()``. The floor is what any
 implementation holds: parameters and their gradients. Peaks come from ``MemTracker`` (via
 :func:`mst_megatron.measure.memory.measure_peak`, the allocator's figure alongside); the variants are
 built and measured one after the other, so only one model is alive at a time. Times: the median of
-``--repeats`` steps after the memory-tracked one.
+``--repeats`` steps after the memory-tracked one. One row per variant in ``results/rows.jsonl``
+(benchmark ``model_step``).
 
-    python benchmarks/bench_model_step.py                       # S = 8192, 4 layers, fp32
-    python benchmarks/bench_model_step.py --quick               # tiny, seconds
+    python -m benchmarks.bench_model_step --threads 2           # S = 8192, 4 layers, fp32
+    python -m benchmarks.bench_model_step --quick               # tiny, seconds, no rows
 """
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import time
 from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (QUICK_SHAPE, SHAPE, add_model_arguments, build_model, floor_bytes,
+                               full_recompute_config, load_average, machine_name, make_row, measure_memory,
+                               model_arguments, model_inputs, model_shape, print_table, provenance, rows_path,
+                               start_one_rank, write_rows)
+from mst_megatron.measure.memory import format_bytes
 
-from bench_common import start_one_rank  # noqa: E402
-from bench_lm_head import floor_bytes, load_average, measure_memory, print_table  # noqa: E402
-from bench_mlp import SHAPE, make_config  # noqa: E402
-from mst_megatron.measure.memory import format_bytes  # noqa: E402
-
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_model_step.json")
 CATEGORIES = ("PARAM", "GRAD", "ACT", "TEMP", "OTH")
-
-
-def build(variant: str, config, vocab: int, seq: int, mini_sequences):
-    """``stock`` (megatron's local spec and head), ``sdpa`` (megatron's ``GPTModel`` and head with the
-    MST layer spec unchunked: SDPA attention, one mini-sequence in the MLP) or ``mst`` (MST layer
-    spec and head, ``mini_sequences = (mlp, head)``)."""
-    import mst_megatron
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    common = dict(config=config, vocab_size=vocab, max_sequence_length=seq, position_embedding_type="rope",
-                  share_embeddings_and_output_weights=False)
-    if variant == "stock":
-        return GPTModel(transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"), **common)
-    if variant == "sdpa":
-        return GPTModel(transformer_layer_spec=mst_megatron.get_gpt_mst_layer_spec(1), **common)
-    mlp_m, head_m = mini_sequences
-    return mst_megatron.MSTGPTModel(transformer_layer_spec=mst_megatron.get_gpt_mst_layer_spec(mlp_m),
-                                    lm_head_mini_sequences=head_m, **common)
+VARIANTS = ("stock", "sdpa", "mst")
 
 
 def measure(variant: str, args, config, weights: Optional[Dict]) -> Dict:
-    model = build(variant, config, args.vocab, args.seq, (args.mlp_mini_sequences, args.lm_head_mini_sequences))
+    model = build_model(variant, config, args.vocab, args.seq, args.mlp_mini_sequences, args.lm_head_mini_sequences)
     if weights is not None:
         model.load_state_dict(weights, strict=True)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, args.vocab, (1, args.seq), generator=g)
-    labels = torch.randint(0, args.vocab, (1, args.seq), generator=g)
-    positions = torch.arange(args.seq).unsqueeze(0)
+    tokens, labels, positions = model_inputs(args.vocab, args.seq)
     params = list(model.parameters())
 
     def step():
@@ -97,70 +76,71 @@ def measure(variant: str, args, config, weights: Optional[Dict]) -> Dict:
     return result
 
 
+def report_rows(report: Dict, prov: Dict) -> List[Dict]:
+    """One ``model_step`` row per variant of a report of :func:`main`."""
+    c = report["config"]
+    shape = model_shape(c["shape"], c["layers"], c["vocab"], c["seq"])
+    name = machine_name(report["machine"], c.get("threads"))
+    rows = []
+    for variant, v in report["variants"].items():
+        metrics = {"peak_bytes": v["peak"]["total"], "above_floor_bytes": v["peak"]["above_floor"],
+                   "floor_bytes": v["floor"], "allocator_peak_delta_bytes": v["peak"]["allocator_peak_delta"],
+                   "peak_by_category_bytes": {k: v["peak"][k] for k in CATEGORIES},
+                   "tracked_step_s": v["tracked_step_s"], "times_s": v["times_s"]}
+        if "time_s" in v:
+            metrics["time_s"] = v["time_s"]
+        rows.append(make_row("model_step", variant, shape, "fp32", name, metrics, prov))
+    return rows
+
+
 def parse_args(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq", type=int, default=8192)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=128256)
+    add_model_arguments(p, seq=8192, vocab=128256, quick_help="tiny sizes (h=128, V=4096, S=512)")
     p.add_argument("--mlp-mini-sequences", default="auto")
     p.add_argument("--lm-head-mini-sequences", default="auto")
     p.add_argument("--repeats", type=int, default=1, help="timed steps after the memory-tracked one")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (h=128, V=4096, S=512)")
-    p.add_argument("--out", default=DEFAULT_OUT)
-    args = p.parse_args(argv)
+    args = model_arguments(p.parse_args(argv), SHAPE, QUICK_SHAPE, quick_vocab=4096, quick_seq=512)
     for name in ("mlp_mini_sequences", "lm_head_mini_sequences"):
         value = getattr(args, name)
         setattr(args, name, value if value == "auto" else int(value))
-    args.shape = dict(SHAPE)
-    if args.quick:
-        args.shape.update(hidden_size=128, ffn_hidden_size=448)
-        args.vocab, args.seq = 4096, 512
     return args
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
-    args = parse_args(argv)
     import mst_megatron
 
+    args = parse_args(argv)
+    prov = provenance("python -m benchmarks.bench_model_step")  # the code as it is when the run starts
     machine = start_one_rank(args.threads)
-    config = make_config(args.shape, torch.float32, num_layers=args.layers, recompute_granularity="full",
-                         recompute_method="uniform", recompute_num_layers=1)
-    report = {
-        "benchmark": f"whole-model step (forward + backward), {args.layers} layers, full recompute, b=1, fp32",
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": machine,
-        "load_average_start": load_average(),
-        "variants": {},
-    }
+    config = full_recompute_config(args.shape, torch.float32, args.layers)
+    load_start = load_average()
+    report = {"config": {k: v for k, v in vars(args).items() if k != "rows"}, "machine": machine, "variants": {}}
     stock = measure("stock", args, config, None)
     weights = stock.pop("weights")
-    mst = measure("mst", args, config, weights)
+    report["variants"] = {"stock": stock, **{v: measure(v, args, config, weights) for v in VARIANTS[1:]}}
     del weights
-    report["variants"] = {"stock": stock, "mst": mst}
-    report["load_average_end"] = load_average()
-    report["peak_ratio_mst_over_stock"] = mst["peak"]["total"] / stock["peak"]["total"]
-    report["above_floor_ratio_mst_over_stock"] = mst["peak"]["above_floor"] / stock["peak"]["above_floor"]
-    if "time_s" in mst and "time_s" in stock:
-        report["time_ratio_stock_over_mst"] = stock["time_s"] / mst["time_s"]
+    load_end = load_average()
 
-    rows = []
+    table = []
     for name, v in report["variants"].items():
-        row = {"impl": name, **{k: format_bytes(v["peak"][k]) for k in (*CATEGORIES, "total")},
+        row = {"variant": name, **{k: format_bytes(v["peak"][k]) for k in (*CATEGORIES, "total")},
                "floor": format_bytes(v["floor"]), "above floor": format_bytes(v["peak"]["above_floor"]),
                "allocator": format_bytes(v["peak"]["allocator_peak_delta"])}
         if "time_s" in v:
             row["step time"] = f"{v['time_s']:.1f} s"
-        rows.append(row)
-    print_table(rows, list(rows[0]))
-    print(f"S={args.seq}: peak MST/stock = {report['peak_ratio_mst_over_stock']:.3f}, above floor "
-          f"{report['above_floor_ratio_mst_over_stock']:.3f}"
-          + (f", speed stock/MST time = {report['time_ratio_stock_over_mst']:.3f}"
-             if "time_ratio_stock_over_mst" in report else ""))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {args.out}")
+        table.append(row)
+    print_table(table, list(table[0]))
+    mst = report["variants"]["mst"]
+    for base in VARIANTS[:2]:
+        b = report["variants"][base]
+        print(f"S={args.seq}: MST / {base}: peak {mst['peak']['total'] / b['peak']['total']:.3f}, above floor "
+              f"{mst['peak']['above_floor'] / b['peak']['above_floor']:.3f}"
+              + (f", time {mst['time_s'] / b['time_s']:.3f}" if "time_s" in mst and "time_s" in b else ""))
+    print(f"load average (1, 5, 15 min): start {load_start}, end {load_end}")
+    path = rows_path(args)
+    if path:
+        write_rows(report_rows(report, dict(prov, load_average=load_start, load_average_end=load_end)), path)
     mst_megatron.destroy_parallel()
     return report
 

@@ -2,8 +2,8 @@
 gradient, and the memory targets measured with the caching allocator's own counters.
 
 Skipped without CUDA: CI is CPU-only, and the CPU suite covers every path (TP, SP, PP, CP on gloo
-ranks). ``scripts/run_cuda_checks.sh`` runs this file on a GPU machine; its results are committed under
-``benchmarks/results/`` with the card's name.
+ranks). ``scripts/run_cuda_checks.sh`` runs this file on a GPU machine, then the GPU benchmark, whose
+rows (machine: the card's name) go into ``benchmarks/results/rows.jsonl``.
 """
 
 import pytest

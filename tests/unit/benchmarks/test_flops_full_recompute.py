@@ -2,14 +2,7 @@
 tensors: MST's decoder costs exactly one MLP forward GEMM unit (fc2's, 2 T h F) per layer less than
 stock+SDPA's (11 units against 12), the heads cost the same, and attention is counted."""
 
-import os
-import sys
-
 import pytest
-
-from tests.helpers import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 pytestmark = pytest.mark.usefixtures("one_rank")
 
@@ -18,19 +11,19 @@ pytestmark = pytest.mark.usefixtures("one_rank")
 def test_full_recompute_flops(method):
     import torch
 
-    from flops_full_recompute import step_flops
+    from benchmarks.flops_full_recompute import step_flops
     from tests.helpers.models import tiny_config
 
     layers, seq, ffn, vocab = 3, 300, 160, 512
     config = tiny_config(num_layers=layers, ffn_hidden_size=ffn, params_dtype=torch.bfloat16, bf16=True,
                          recompute_granularity="full", recompute_method=method, recompute_num_layers=1)
-    counted = {v: step_flops(v, config, vocab, seq) for v in ("stock", "mst")}
-    uncounted = {v: step_flops(v, config, vocab, seq, attention="none") for v in ("stock", "mst")}
+    counted = {v: step_flops(v, config, vocab, seq) for v in ("sdpa", "mst")}
+    uncounted = {v: step_flops(v, config, vocab, seq, attention="none") for v in ("sdpa", "mst")}
     # block with recompute_num_layers=1: only the first layer is recomputed, the others cost 9 vs 11
     saved_units = layers if method == "uniform" else 1 - 2 * (layers - 1)
     unit = 2 * seq * config.hidden_size * ffn
     for flops in (counted, uncounted):
-        assert flops["stock"]["decoder"] - flops["mst"]["decoder"] == saved_units * unit
+        assert flops["sdpa"]["decoder"] - flops["mst"]["decoder"] == saved_units * unit
         heads = {v: flops[v]["total"] - flops[v]["decoder"] for v in flops}
-        assert heads["stock"] == heads["mst"]
-    assert counted["stock"]["decoder"] > uncounted["stock"]["decoder"]  # the CPU flash kernels count
+        assert heads["sdpa"] == heads["mst"]
+    assert counted["sdpa"]["decoder"] > uncounted["sdpa"]["decoder"]  # the CPU flash kernels count
