@@ -24,14 +24,13 @@ import os
 
 from mst_megatron.training import SetupError
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer")
-_LIBRARIES = {"SentencePieceTokenizer": "sentencepiece", "HuggingFaceTokenizer": "huggingface",
-              "TikTokenizer": "tiktoken"}
-_PACKAGES = {"SentencePieceTokenizer": "sentencepiece", "HuggingFaceTokenizer": "transformers",
-             "TikTokenizer": "tiktoken"}
-_WHAT = {"SentencePieceTokenizer": "a sentencepiece .model file",
-         "HuggingFaceTokenizer": "a Hugging Face tokenizer folder (tokenizer.json)",
-         "TikTokenizer": "a tiktoken vocabulary .json file"}
+# --tokenizer-type -> (megatron-core's library, the package it needs, what --tokenizer-model names)
+_KINDS = {
+    "SentencePieceTokenizer": ("sentencepiece", "sentencepiece", "a sentencepiece .model file"),
+    "HuggingFaceTokenizer": ("huggingface", "transformers", "a Hugging Face tokenizer folder (tokenizer.json)"),
+    "TikTokenizer": ("tiktoken", "tiktoken", "a tiktoken vocabulary .json file"),
+}
+TOKENIZER_TYPES = tuple(_KINDS)
 # megatron-core's TikTokenizer defaults (Megatron-LM's too): its vocabulary and its reserved ids.
 TIKTOKEN_VOCAB_SIZE = 2**17
 TIKTOKEN_NUM_SPECIAL_TOKENS = 1000
@@ -60,18 +59,19 @@ def describe(args: argparse.Namespace) -> str:
 
 def _check_flags(args: argparse.Namespace) -> None:
     kind, path = args.tokenizer_type, args.tokenizer_model
+    what = _KINDS[kind][2]
     if path is None:
-        raise SetupError(f"--tokenizer-model is required: {_WHAT[kind]} for --tokenizer-type {kind}")
+        raise SetupError(f"--tokenizer-model is required: {what} for --tokenizer-type {kind}")
     if kind != "TikTokenizer" and args.vocab_size is not None:
         raise SetupError(f"--vocab-size applies to --tokenizer-type TikTokenizer only; a {kind}'s vocabulary "
                          f"is its file's: drop --vocab-size")
     found = os.path.isdir(path) if kind == "HuggingFaceTokenizer" else os.path.isfile(path)
     if not found:
         raise SetupError(f"--tokenizer-model {path}: no such {'folder' if kind == 'HuggingFaceTokenizer' else 'file'} "
-                         f"({_WHAT[kind]} for --tokenizer-type {kind})")
+                         f"({what} for --tokenizer-type {kind})")
     if kind == "TikTokenizer":
         if not path.endswith(".json"):
-            raise SetupError(f"--tokenizer-model {path}: --tokenizer-type TikTokenizer takes {_WHAT[kind]}")
+            raise SetupError(f"--tokenizer-model {path}: --tokenizer-type TikTokenizer takes {what}")
         special, vocab = args.tiktoken_num_special_tokens, _tiktoken_vocab_size(args)
         if not _TIKTOKEN_NAMED_SPECIALS <= special < vocab:
             raise SetupError(f"--tiktoken-num-special-tokens {special} must be >= {_TIKTOKEN_NAMED_SPECIALS} "
@@ -114,17 +114,17 @@ def load_tokenizer(args: argparse.Namespace):
     one-line :class:`~mst_megatron.training.SetupError`."""
     _check_flags(args)
     kind = args.tokenizer_type
-    package = _PACKAGES[kind]
+    library, package, what = _KINDS[kind]
     if importlib.util.find_spec(package) is None:  # megatron-core would fail later, on a NameError
         raise SetupError(f"--tokenizer-type {kind} needs the {package} package: pip install {package}")
     from megatron.core.tokenizers import MegatronTokenizer
 
     try:
         return MegatronTokenizer.from_pretrained(
-            args.tokenizer_model, metadata_path={"library": _LIBRARIES[kind], "model_type": "gpt"}, **_kwargs(args)
+            args.tokenizer_model, metadata_path={"library": library, "model_type": "gpt"}, **_kwargs(args)
         )
     except (RuntimeError, OSError, ValueError, AssertionError, KeyError, TypeError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = _tiktoken_hint(args) if kind == "TikTokenizer" else ""
-        raise SetupError(f"--tokenizer-model {args.tokenizer_model}: not {_WHAT[kind]} that megatron-core's {kind} "
+        raise SetupError(f"--tokenizer-model {args.tokenizer_model}: not {what} that megatron-core's {kind} "
                          f"loads ({detail}){hint}") from None
