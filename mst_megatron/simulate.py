@@ -44,14 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
             action.default = None
         if action.dest == "micro_batch_size":
             action.default = 1
+        if action.dest == "vocab_size":  # the tokenizer flag: here the model's, as no tokenizer is read
+            action.help = "the vocabulary (before padding) for a model config whose vocab_size is null"
     g = p.add_argument_group("simulation")
     g.add_argument("--world-size", type=int, default=1, help="GPUs in the job (DP = world / (TP x PP x CP))")
     g.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
     g.add_argument("--reserve", type=float, default=0.05,
                    help="share of the GPU kept free for what the simulation does not see (allocator, comms)")
     g.add_argument("--seq-step", type=int, default=1024, help="--seq-length auto: the search's granularity")
-    g.add_argument("--vocab-size", type=int, default=None,
-                   help="the vocabulary (before padding) for a model config whose vocab_size is null")
     g.add_argument("--json", default=None, help="write the report here as JSON")
     return p
 

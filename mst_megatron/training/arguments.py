@@ -13,6 +13,7 @@ from typing import Optional
 
 from mst_megatron.layout import ParallelLayout
 from mst_megatron.training import SetupError
+from mst_megatron.training.tokenizer import add_tokenizer_arguments
 
 _SHAPE_OVERRIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                     "num_query_groups", "max_position_embeddings")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
                    help="dataset prefixes (PREFIX.bin/.idx), optionally weighted: 'p1 p2' or 'w1 p1 w2 p2'")
     g.add_argument("--split", default="98,2,0", help="train,valid,test shares of each dataset")
-    g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
+    add_tokenizer_arguments(g)
     g.add_argument("--data-cache-path", default=None, help="sample-index cache (default: next to the data)")
 
     g = p.add_argument_group("evaluation, checkpoints, logging")
@@ -163,7 +164,8 @@ def check_args(args: argparse.Namespace, world_size: Optional[int] = None) -> ar
         value = getattr(args, name)
         _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
     _require(args.data_path is not None, "--data-path is required (see scripts/preprocess_data.py)")
-    _require(args.tokenizer_model is not None, "--tokenizer-model is required (see scripts/train_tokenizer.py)")
+    _require(args.tokenizer_model is not None,
+             f"--tokenizer-model is required (--tokenizer-type {args.tokenizer_type}; see scripts/train_tokenizer.py)")
 
     cp = args.context_parallel_size
     _require(cp == 1 or not args.no_mst,

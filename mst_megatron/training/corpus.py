@@ -1,5 +1,6 @@
 """Raw-text documents from files and folders, shared by ``scripts/train_tokenizer.py`` and
-``scripts/preprocess_data.py`` so both read exactly the same documents in the same order.
+``scripts/preprocess_data.py`` so both read exactly the same documents in the same order, and their
+tokenization in worker processes.
 
 A ``.jsonl`` file holds one JSON object per line with the text under ``json_key`` (Megatron-LM's
 preprocessing format); any other file is one document; a folder contributes its files that match
@@ -8,9 +9,13 @@ preprocessing format); any other file is one document; a folder contributes its 
 
 import argparse
 import fnmatch
+import itertools
 import json
 import os
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, List, Sequence
+
+BATCH_DOCUMENTS = 256  # documents per task of a tokenizer worker
+_worker_tokenizer = None  # the pool's tokenizer: set before the workers fork, so each inherits it
 
 
 def _files(path: str, pattern: str, exclude_dirs: Sequence[str]) -> Iterator[str]:
@@ -73,3 +78,33 @@ def documents_from_args(args: argparse.Namespace) -> Iterator[str]:
     """:func:`documents` for the flags added by :func:`add_input_arguments`."""
     return documents(args.input, args.pattern, args.exclude_dir, args.json_key, args.max_bytes)
 
+
+def _tokenize(batch: List[str]) -> List[List[int]]:
+    return [_worker_tokenizer.tokenize(doc) for doc in batch]
+
+
+def _batches(docs: Iterable[str], size: int) -> Iterator[List[str]]:
+    docs = iter(docs)
+    while True:
+        batch = list(itertools.islice(docs, size))
+        if not batch:
+            return
+        yield batch
+
+
+def tokenized(tokenizer, docs: Iterable[str], workers: int) -> Iterator[List[int]]:
+    """``tokenizer.tokenize(doc)`` for every document, in order; ``workers`` > 1 forked processes share
+    the work in batches of :data:`BATCH_DOCUMENTS`, a few batches each at a time (the corpus is
+    streamed, never read whole)."""
+    global _worker_tokenizer
+    if workers <= 1:
+        yield from map(tokenizer.tokenize, docs)
+        return
+    import multiprocessing
+
+    _worker_tokenizer = tokenizer
+    windows = _batches(_batches(docs, BATCH_DOCUMENTS), 4 * workers)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for window in windows:
+            for batch in pool.imap(_tokenize, window):
+                yield from batch

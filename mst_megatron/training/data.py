@@ -1,4 +1,4 @@
-"""Training data: a sentencepiece tokenizer, megatron-core indexed-dataset blends, resumable batch order.
+"""Training data: megatron-core indexed-dataset blends checked against the tokenizer, resumable batch order.
 
 Checks that fail before any work starts (missing files, ids outside the tokenizer's vocabulary, empty
 splits), and a batch order that is a pure function of the samples consumed, so a resumed run reads
@@ -40,20 +40,6 @@ def check_dataset_helpers() -> None:
             f"pybind11 && g++ -O3 -shared -std=c++17 -fPIC $(python -m pybind11 --includes) "
             f"{folder}/helpers.cpp -o {target}"
         ) from None
-
-
-def load_tokenizer(model_path: str):
-    """megatron-core's GPT tokenizer around a sentencepiece model file (``--tokenizer-model``)."""
-    if not model_path or not os.path.isfile(model_path):
-        raise SetupError(f"--tokenizer-model {model_path!r}: no such file (a sentencepiece .model file)")
-    from megatron.core.tokenizers import MegatronTokenizer
-
-    try:
-        return MegatronTokenizer.from_pretrained(
-            model_path, metadata_path={"library": "sentencepiece", "model_type": "gpt"}
-        )
-    except (RuntimeError, OSError) as e:
-        raise SetupError(f"--tokenizer-model {model_path}: not a sentencepiece model ({e})") from None
 
 
 def parse_data_path(data_path: List[str]) -> Tuple[List[str], Optional[List[float]]]:
@@ -103,9 +89,10 @@ def _split_bounds(split: str) -> list:
     return convert_split_vector_to_split_matrix(shares)
 
 
-def check_data(prefixes: List[str], vocab_size: int, split: str) -> None:
-    """Every prefix has its ``.bin``/``.idx``, only ids below the tokenizer's vocabulary, and at
-    least one document in every split with a share (megatron-core waits forever on an empty one)."""
+def check_data(prefixes: List[str], vocab_size: int, split: str, tokenizer: str) -> None:
+    """Every prefix has its ``.bin``/``.idx``, only ids below the tokenizer's ``vocab_size``, and at
+    least one document in every split with a share (megatron-core waits forever on an empty one).
+    ``tokenizer`` names the tokenizer in the error (its type and file)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for prefix in prefixes:
@@ -128,7 +115,7 @@ def check_data(prefixes: List[str], vocab_size: int, split: str) -> None:
         if largest >= vocab_size:
             raise SetupError(
                 f"--data-path {prefix} holds token id {largest}, but --tokenizer-model has "
-                f"{vocab_size} tokens: the data was tokenized with another tokenizer"
+                f"{vocab_size} tokens ({tokenizer}): the data was tokenized with another tokenizer"
             )
 
 

@@ -22,6 +22,8 @@ from mst_megatron.runtime.quiet import import_megatron_quietly
 from mst_megatron.layout import LayoutError
 from mst_megatron.training import RunError, SetupError, arguments, checkpointing, data, model_config
 from mst_megatron.training.monitor import Monitor, max_over_ranks, peak_memory_bytes
+from mst_megatron.training.tokenizer import describe as describe_tokenizer
+from mst_megatron.training.tokenizer import load_tokenizer
 
 
 def _device() -> torch.device:
@@ -350,10 +352,14 @@ class Trainer:
 
 
 def _vocab_size(shape, tokenizer, args) -> int:
+    """The model's padded vocabulary: the model config's ``vocab_size``, else the tokenizer's, which
+    must fit in it (its ids index the embedding)."""
     tokens = tokenizer.vocab_size
     if shape.vocab_size is not None and tokens > shape.vocab_size:
         raise SetupError(
-            f"--tokenizer-model has {tokens} tokens, more than the model's vocab_size {shape.vocab_size}"
+            f"--tokenizer-model has {tokens} tokens ({describe_tokenizer(args)}), more than the model's vocab_size "
+            f"{shape.vocab_size} (--model-config {args.model_config}): use the model's tokenizer, or a model config "
+            f"with vocab_size >= {tokens} or null (the tokenizer's)"
         )
     vocab = shape.vocab_size or tokens
     return args.layout.padded_vocab_size(vocab, args.make_vocab_size_divisible_by)
@@ -416,7 +422,7 @@ class RunInputs:
                f"lm_head_mini_sequences={self.mst['lm_head_mini_sequences']}")
         return (
             f"model {a.model_config}: {self.shape.parameter_count(self.vocab_size) / 1e6:,.2f}M parameters, "
-            f"vocab {self.vocab_size} (tokenizer {self.tokenizer.vocab_size}) | {mst} | "
+            f"vocab {self.vocab_size} (tokenizer {self.tokenizer.vocab_size}, {a.tokenizer_type}) | {mst} | "
             f"TP={a.tensor_model_parallel_size} PP={a.pipeline_model_parallel_size} CP={a.context_parallel_size} "
             f"DP={a.data_parallel_size} | "
             f"{a.global_batch_size} x {a.seq_length} tokens per step, {a.num_microbatches} micro-batches | "
@@ -434,9 +440,9 @@ def check_inputs(argv: Optional[List[str]] = None, configs_dir: Optional[str] = 
         raise SetupError("--sequence-parallel needs MST's norms: megatron-core's local spec refuses it; drop --no-mst")
     import_megatron_quietly()
     data.check_dataset_helpers()
-    tokenizer = data.load_tokenizer(args.tokenizer_model)
+    tokenizer = load_tokenizer(args)
     blend = data.parse_data_path(args.data_path)
-    data.check_data(blend[0], tokenizer.vocab_size, args.split)
+    data.check_data(blend[0], tokenizer.vocab_size, args.split, describe_tokenizer(args))
     data.check_cache(blend[0], args.data_cache_path)
     mst = None if args.no_mst else dict(mlp_mini_sequences=args.mlp_mini_sequences,
                                         lm_head_mini_sequences=args.lm_head_mini_sequences)
