@@ -19,7 +19,8 @@ RUN = ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "
        "--lr", "5e-3", "--min-lr", "5e-4", "--eval-interval", "4", "--eval-iters", "2", "--split", "90,10,0"]
 
 
-def _tool(name):
+def script(name):
+    """``scripts/<name>.py`` as a module (the scripts are files, not a package)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -35,9 +36,9 @@ def build_corpus(work):
     with open(jsonl, "w") as f:
         for name in ("argparse", "textwrap", "string", "shlex", "csv"):
             f.write(json.dumps({"text": importlib.import_module(name).__doc__}) + "\n")
-    model = _tool("train_tokenizer").main(sources + ["--vocab-size", "512", "--model-prefix", str(work / "tok")])
-    small = _tool("train_tokenizer").main(sources + ["--vocab-size", "400", "--model-prefix", str(work / "small")])
-    preprocess = _tool("preprocess_data").main
+    model = script("train_tokenizer").main(sources + ["--vocab-size", "512", "--model-prefix", str(work / "tok")])
+    small = script("train_tokenizer").main(sources + ["--vocab-size", "400", "--model-prefix", str(work / "small")])
+    preprocess = script("preprocess_data").main
     code = preprocess(sources + ["--tokenizer-model", model, "--output-prefix", str(work / "code"), "--append-eod"])
     docs = preprocess(["--input", str(jsonl), "--tokenizer-model", model, "--output-prefix", str(work / "docs"),
                        "--append-eod"])

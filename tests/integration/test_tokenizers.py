@@ -18,7 +18,8 @@ import sysconfig
 import numpy as np
 import pytest
 
-from tests.pretraining import CONFIGS, MODEL, ROOT, SCRIPT, _tool
+from tests.helpers import CONFIGS, ROOT
+from tests.helpers.corpus import MODEL, SCRIPT, script
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tiktoken")
@@ -69,7 +70,7 @@ def tokenizers(tmp_path_factory):
     """type -> (the tokenizer flags, its vocabulary, its end-of-document id)."""
     work = tmp_path_factory.mktemp("tokenizers")
     text = "".join(open(f).read() for f in SOURCES)
-    sp = _tool("train_tokenizer").main(["--input", *SOURCES, "--vocab-size", "512", "--model-prefix", str(work / "sp")])
+    sp = script("train_tokenizer").main(["--input", *SOURCES, "--vocab-size", "512", "--model-prefix", str(work / "sp")])
     hf = _hf_tokenizer(work / "hf", text)
     vocab_file, ranks = _tiktoken_vocab(work / "tiktoken.json", text)
     tiktoken_flags = ["--vocab-size", str(TIKTOKEN_SPECIALS + ranks), "--tiktoken-num-special-tokens",
@@ -85,7 +86,7 @@ def tokenizers(tmp_path_factory):
 @pytest.fixture(scope="module")
 def datasets(tokenizers):
     """type -> the prefix of the json package's sources preprocessed with that tokenizer."""
-    preprocess = _tool("preprocess_data").main
+    preprocess = script("preprocess_data").main
     return {kind: preprocess(["--input", *SOURCES, *flags, "--append-eod",
                               "--output-prefix", str(tokenizers["work"] / kind)])
             for kind, (flags, _, _) in tokenizers["kinds"].items()}
@@ -175,7 +176,7 @@ def test_append_eod_needs_an_end_of_document_token(tokenizers, tmp_path):
     bare.mkdir()
     shutil.copy(os.path.join(tokenizers["kinds"]["HuggingFaceTokenizer"][0][3], "tokenizer.json"), bare)
     with pytest.raises(SystemExit, match=r"--append-eod: HuggingFaceTokenizer \S+bare has no end-of-document token"):
-        _tool("preprocess_data").main(["--input", SOURCES[0], "--tokenizer-type", "HuggingFaceTokenizer",
+        script("preprocess_data").main(["--input", SOURCES[0], "--tokenizer-type", "HuggingFaceTokenizer",
                                        "--tokenizer-model", str(bare), "--append-eod",
                                        "--output-prefix", str(tmp_path / "x")])
 
@@ -197,7 +198,7 @@ def test_hf_import_trains_with_its_tokenizer_folder(tokenizers, tmp_path):
     root = tmp_path / "ckpt"
     hf.import_hf(str(folder), str(root))
     tokenizer = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(root / "hf")]
-    data = _tool("preprocess_data").main(["--input", *SOURCES, *tokenizer, "--append-eod", "--workers", "1",
+    data = script("preprocess_data").main(["--input", *SOURCES, *tokenizer, "--append-eod", "--workers", "1",
                                           "--output-prefix", str(tmp_path / "data")])
     cmd = [sys.executable, SCRIPT, "--model-config", str(root / "model_config.json"), "--load", str(root),
            *tokenizer, "--data-path", data, "--make-vocab-size-divisible-by", "1", *RUN]
