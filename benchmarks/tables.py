@@ -233,9 +233,20 @@ def lm_head_gemms_table(rows):
                      "the three GEMMs"], lines)
 
 
+def cp_traffic_table(rows):
+    chosen = [r for r in rows if r["benchmark"] == "cp_traffic"]
+    order = {"a2a": 0, "p2p": 1, "a2a+p2p": 2}
+    lines = [[r["variant"], size(r["metrics"]["sent_bytes"]), size(r["metrics"]["predicted_bytes"]),
+              ratio(r["metrics"]["sent_bytes"] / r["metrics"]["predicted_bytes"])]
+             for r in sorted(chosen, key=lambda r: (r["shape"], order.get(r["variant"], 3)))]
+    return (markdown(["cp_comm_type", "sent per rank, forward + backward", "predicted", "sent / predicted"], lines)
+            + "\n\n" + load_line(rows, chosen[0]["machine"], ["cp_traffic"]))
+
+
 TABLES: Dict[str, Callable[[List[Dict]], str]] = {
     "cpu": cpu_table, "cpu-step-time": step_time_table, "xeon-mcore-chunks": xeon_table, "gpu": gpu_table, "gpu-reach": reach_table,
     "flops": flops_table, "context-parallel": context_parallel_table, "lm-head-gemms": lm_head_gemms_table,
+    "cp-traffic": cp_traffic_table,
 }
 MARKER = re.compile(r"<!-- table:([\w-]+) -->\n.*?<!-- /table:\1 -->", re.S)
 
