@@ -34,14 +34,16 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, errors):
     import torch
 
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
     try:
         fn(*args, **kwargs)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while a peer still uses it (that can abort the process)
     except BaseException:  # noqa: BLE001 - the parent reports it
         errors.put((rank, traceback.format_exc()))
         raise SystemExit(1)
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
