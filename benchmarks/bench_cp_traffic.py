@@ -28,6 +28,7 @@ import torch
 
 from benchmarks.common import (add_rows_argument, machine, machine_name, make_row, provenance, rows_path,
                                shape_text, write_rows)
+from mst_megatron.measure.traffic import SentBytes
 from tests.helpers.multirank import run_on_ranks
 
 CP = 4
@@ -44,27 +45,9 @@ def predicted_bytes(seq: int, exchange: str) -> int:
     a, p = layout.a2a_size, layout.ring_size
     tokens = seq // CP * BATCH
     q, kv = tokens * HEADS * HEAD_DIM * 4, 2 * tokens * GROUPS * HEAD_DIM * 4
-    r = layout.kv_replication(GROUPS) if a > 1 else 1
+    r = layout.kv_replication(GROUPS)
     total = 2 * (a - 1) * (2 * q + r * kv) // a if a > 1 else 0
     return total + ((3 * p - 2) * r * kv if p > 1 else 0)
-
-
-def _counting(counter: dict) -> None:
-    """Wrap ``all_to_all_single`` and ``isend`` so that ``counter["bytes"]`` adds what leaves this rank."""
-    import torch.distributed as dist
-
-    all_to_all, isend = dist.all_to_all_single, dist.isend
-
-    def counted_all_to_all(output, input, *args, group=None, **kwargs):
-        n = dist.get_world_size(group)
-        counter["bytes"] += input.numel() * input.element_size() * (n - 1) // n
-        return all_to_all(output, input, *args, group=group, **kwargs)
-
-    def counted_isend(tensor, *args, **kwargs):
-        counter["bytes"] += tensor.numel() * tensor.element_size()
-        return isend(tensor, *args, **kwargs)
-
-    dist.all_to_all_single, dist.isend = counted_all_to_all, counted_isend
 
 
 def body(seq: int, out_dir: str) -> None:
@@ -76,8 +59,6 @@ def body(seq: int, out_dir: str) -> None:
     from mst_megatron.modules.attention import SDPAttention
     from mst_megatron.specs.llama_config import llama_transformer_config
 
-    counter = {"bytes": 0}
-    _counting(counter)
     results = {}
     for exchange, sizes in EXCHANGES.items():
         mst_megatron.init_parallel(context_parallel_size=CP, hierarchical_context_parallel_sizes=sizes)
@@ -90,9 +71,9 @@ def body(seq: int, out_dir: str) -> None:
         s_local = seq // CP
         q = torch.randn(s_local, BATCH, HEADS, HEAD_DIM, generator=g, requires_grad=True)
         k, v = (torch.randn(s_local, BATCH, GROUPS, HEAD_DIM, generator=g, requires_grad=True) for _ in "kv")
-        counter["bytes"] = 0
-        attention(q, k, v, None).sum().backward()
-        results[exchange] = counter["bytes"]
+        with SentBytes() as sent:
+            attention(q, k, v, None).sum().backward()
+        results[exchange] = sent.bytes
         ps.destroy_model_parallel()
     with open(os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(results, f)

@@ -22,28 +22,14 @@ def _layout_index(s: int, cp: int, rank: int) -> torch.Tensor:
     return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)])
 
 
-def _count_sends(counter):
-    """Wrap ``torch.distributed.isend`` so that ``counter["bytes"]`` adds each sent tensor's bytes."""
-    import torch.distributed as dist
-
-    original = dist.isend
-
-    def isend(tensor, *args, **kwargs):
-        counter["bytes"] += tensor.numel() * tensor.element_size()
-        return original(tensor, *args, **kwargs)
-
-    dist.isend = isend
-
-
 def body(out_dir, cases):
     import torch.distributed as dist
 
+    from mst_megatron.measure.traffic import SentBytes
     from mst_megatron.ops.ring_attention import ring_attention
 
     dist.init_process_group("gloo")
     cp, rank = dist.get_world_size(), dist.get_rank()
-    counter = {"bytes": 0}
-    _count_sends(counter)
     results = []
     for s, b, heads, kv_heads, d, causal in cases:
         g = torch.Generator().manual_seed(s + heads + kv_heads)
@@ -57,14 +43,14 @@ def body(out_dir, cases):
         ref.backward(dout)
         idx = _layout_index(s, cp, rank) if causal else torch.arange(rank * s // cp, (rank + 1) * s // cp)
         local = [t[idx].clone().requires_grad_() for t in (q, k, v)]
-        counter["bytes"] = 0
-        out = ring_attention(*local, dist.group.WORLD, causal=causal)
-        sent_forward = counter["bytes"]
-        out.backward(dout[idx])
+        with SentBytes() as sent:
+            out = ring_attention(*local, dist.group.WORLD, causal=causal)
+            sent_forward = sent.bytes
+            out.backward(dout[idx])
         errs = [rel_err(out, ref[idx])] + [rel_err(t.grad, f.grad[idx]) for t, f in zip(local, full)]
         kv_bytes = 2 * (s // cp) * b * kv_heads * d * 4
         results.append(dict(case=[s, b, heads, kv_heads, d, causal], errs=errs, sent_forward=sent_forward,
-                            sent_backward=counter["bytes"] - sent_forward, kv_bytes=kv_bytes))
+                            sent_backward=sent.bytes - sent_forward, kv_bytes=kv_bytes))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
 
