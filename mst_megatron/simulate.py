@@ -116,9 +116,13 @@ def _simulation_bridges():
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as tp_random
 
+    from mst_megatron.ops import offload
+
     saved = (torch.nn.Module._apply, tp_random.CudaRNGStatesTracker.fork, ps.get_data_parallel_group_gloo,
-             ps.get_expert_data_parallel_group_gloo, dist.all_gather_object)
+             ps.get_expert_data_parallel_group_gloo, dist.all_gather_object, offload.HOST_DEVICE)
     torch.nn.Module._apply = _module_apply
+    # The fake device is the CPU: offloaded layer inputs go to "meta", counted apart as host memory.
+    offload.HOST_DEVICE = "meta"
     tp_random.CudaRNGStatesTracker.fork = lambda self, *a, **k: contextlib.nullcontext()
     # No gloo groups on the fake backend: the optimizer gets the fake data-parallel group instead.
     ps.get_data_parallel_group_gloo = lambda with_context_parallel=False, partial_data_parallel=False: \
@@ -131,7 +135,7 @@ def _simulation_bridges():
         yield
     finally:
         (torch.nn.Module._apply, tp_random.CudaRNGStatesTracker.fork, ps.get_data_parallel_group_gloo,
-         ps.get_expert_data_parallel_group_gloo, dist.all_gather_object) = saved
+         ps.get_expert_data_parallel_group_gloo, dist.all_gather_object, offload.HOST_DEVICE) = saved
 
 
 def _rank_of_stage(a, stage: int) -> int:
@@ -200,8 +204,6 @@ def step_report(a, shape, fake: bool = True) -> Dict:
     """Build this rank's model, DDP and optimizer (with Adam's state) and run one step's micro-batches
     through megatron's schedule, under ``FakeTensorMode`` when ``fake`` (the real tensors otherwise:
     the simulator's check); the parallel state must be up. Returns its memory and FLOPs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from mst_megatron.measure.memory import _StepMemTracker
     from mst_megatron.training import pretrain
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -210,10 +212,8 @@ def step_report(a, shape, fake: bool = True) -> Dict:
     vocab = a.layout.padded_vocab_size(shape.vocab_size, a.make_vocab_size_divisible_by)
     config = pretrain._transformer_config(a, shape_s)
     config.perform_initialization = False
-    mst = None if a.no_mst else dict(mlp_mini_sequences=a.mlp_mini_sequences,
-                                     lm_head_mini_sequences=a.lm_head_mini_sequences)
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with _simulation_bridges(), mode:
+    mst = pretrain.mst_options(a)
+    with fake_tensors() if fake else _simulation_bridges():
         model = pretrain.build_model(config, shape_s, vocab, mst, a.use_distributed_optimizer,
                                      check_for_nan_in_grad=False)
         optimizer, _ = pretrain.build_optimizer(a, model)
@@ -227,6 +227,11 @@ def step_report(a, shape, fake: bool = True) -> Dict:
         forward_backward = get_forward_backward_func()
         iterators = [_batches(a, vocab) for _ in model]
         tracker, flops = _StepMemTracker(), _PhaseFlops()
+        # What exists before the step is tracked as such: otherwise the first in-place add into the
+        # gradient buffer would count the whole buffer again, as a temporary of backward.
+        tracker.track_external(*model, *(buf.grad_data for chunk in model for buf in chunk.buffers),
+                               *(buf.param_data for chunk in model for buf in chunk.buffers if buf.param_data is not None),
+                               *opt_tensors)
         for chunk in model:
             chunk.zero_grad_buffer()
         with tracker, flops:
@@ -234,23 +239,29 @@ def step_report(a, shape, fake: bool = True) -> Dict:
                              num_microbatches=a.num_microbatches, seq_length=a.seq_length,
                              micro_batch_size=a.micro_batch_size, forward_only=False)
         snapshot = tracker.get_tracker_snapshot("peak")
-    step = {}
-    for dev_snap in snapshot.values():
+    step, host = {}, 0  # the static tensors are in the snapshot too (tracked as external)
+    for device, dev_snap in snapshot.items():
+        if torch.device(device).type == "meta":  # the offload's host memory (see _simulation_bridges)
+            host += int(dev_snap.get("Total", 0))
+            continue
         for k, v in dev_snap.items():
             name = "total" if k == "Total" else getattr(k, "name", str(k))
             step[name] = step.get(name, 0) + int(v)
     return dict(
         memory=dict(weights=weights, grads=grads, optimizer=opt_bytes, other_static=other,
                     activations=step.get("ACT", 0),
-                    temporaries=step.get("total", 0) - step.get("ACT", 0),
-                    step_peak=step.get("total", 0), peak=static + step.get("total", 0)),
+                    temporaries=step.get("TEMP", 0) + step.get("GRAD", 0),
+                    step_peak=step.get("total", 0) - static, peak=step.get("total", 0), host=host),
         flops=dict(forward=flops.phase["forward"], backward_and_recompute=flops.phase["backward"],
                    total=flops.get_total_flops()),
     )
 
 
-def simulate_rank(a, shape, rank: int) -> Dict:
-    """One step of ``rank`` in ``a``'s layout (``a`` from :func:`checked_args`) on the fake process group."""
+@contextlib.contextmanager
+def fake_world(rank: int, world_size: int, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1,
+               seed: int = 1234):
+    """megatron-core's parallel state for ``rank`` of a ``world_size`` layout on torch's ``fake``
+    process group (collectives return the right shapes, no data), torn down on exit."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -262,20 +273,32 @@ def simulate_rank(a, shape, rank: int) -> Dict:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=a.world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=a.tensor_model_parallel_size,
-            pipeline_model_parallel_size=a.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=a.virtual_pipeline_model_parallel_size,
-            context_parallel_size=a.context_parallel_size,
-            create_gloo_process_groups=False,
-        )
-        tensor_parallel.model_parallel_cuda_manual_seed(a.seed)
-        report = step_report(a, shape, fake=True)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+                                     create_gloo_process_groups=False)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        yield
     finally:
         ps.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def fake_tensors():
+    """``FakeTensorMode`` with the simulation's bridges (module docstring): build and run models inside."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with _simulation_bridges(), FakeTensorMode(allow_non_fake_inputs=True):
+        yield
+
+
+def simulate_rank(a, shape, rank: int) -> Dict:
+    """One step of ``rank`` in ``a``'s layout (``a`` from :func:`checked_args`) on the fake process group."""
+    with fake_world(rank, a.world_size, a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                    a.virtual_pipeline_model_parallel_size, a.context_parallel_size, a.seed):
+        report = step_report(a, shape, fake=True)
     return dict(rank=rank, pipeline_stage=rank // (a.world_size // a.pipeline_model_parallel_size), **report)
 
 
@@ -331,6 +354,8 @@ def _print(report: Dict) -> None:
           f"of a {report['budget_bytes'] / GIB:.2f} GiB budget -> {'fits' if report['fits'] else 'does NOT fit'}")
     for k in ("weights", "grads", "optimizer", "other_static", "activations", "temporaries"):
         print(f"  {k:13s} {m[k] / GIB:9.2f} GiB")
+    if m["host"]:
+        print(f"  host memory  {m['host'] / GIB:9.2f} GiB (offloaded layer inputs, not in the peak)")
     f = b["flops"]
     print(f"  FLOPs: forward {f['forward'] / 1e12:.4g} T, backward + recompute {f['backward_and_recompute'] / 1e12:.4g} T,"
           f" total {f['total'] / 1e12:.4g} T  ({report['seconds']:.1f} s simulated)")

@@ -89,6 +89,7 @@ def mst_gpt_builder(args, pre_process: bool, post_process: bool, vp_stage: Optio
         vp_stage=vp_stage,
         pg_collection=pg_collection,
         lm_head_mini_sequences=getattr(args, "lm_head_mini_sequences", AUTO),
+        offload_layer_inputs=getattr(args, "offload_layer_inputs", False),
     )
 
 

@@ -26,6 +26,8 @@ def add_mst_flags(parser: argparse.ArgumentParser):
                    help="MLP chunks per sequence: an int or 'auto'")
     g.add_argument("--lm-head-mini-sequences", type=int_or_auto_arg, default="auto",
                    help="LM-head + cross-entropy chunks per sequence: an int or 'auto'")
+    g.add_argument("--offload-layer-inputs", action="store_true",
+                   help="with --recompute-granularity full: keep the layer inputs in host memory until backward")
     return g
 
 
@@ -171,6 +173,9 @@ def check_args(args: argparse.Namespace, world_size: Optional[int] = None) -> ar
     _require(cp == 1 or not args.no_mst,
              f"--context-parallel-size {cp} needs MST's attention: megatron-core's local spec "
              "(--no-mst) has no context parallelism without Transformer Engine; drop --no-mst")
+    _require(not args.offload_layer_inputs or (not args.no_mst and args.recompute_granularity == "full"),
+             "--offload-layer-inputs keeps the inputs that full recompute stores in host memory: it needs "
+             f"--recompute-granularity full (got {args.recompute_granularity}) and the MST model (no --no-mst)")
     args.layout = layout_of(args, world_size)
     args.layout.check_seq_length(args.seq_length)
     args.data_parallel_size = args.layout.dp
@@ -221,6 +226,40 @@ def check_args(args: argparse.Namespace, world_size: Optional[int] = None) -> ar
         if path is not None:
             check_writable_dir(flag, path)
     return args
+
+
+def offloaded_bytes(args: argparse.Namespace, shape) -> int:
+    """Host bytes one rank holds at most under ``--offload-layer-inputs``: the layer inputs of the
+    forwards in flight at the first pipeline stage (1F1B: ``min(PP, micro-batches)`` micro-batches of
+    ``L / PP`` layers; interleaved: megatron's warm-up count of model chunks of ``L / (PP x VPP)``
+    layers), plus one final-norm input, each ``[S / CP (/ TP under SP), b, h]``."""
+    pp, vpp = args.layout.pp, args.virtual_pipeline_model_parallel_size or 1
+    if vpp == 1:
+        layers = shape.num_layers // pp * min(pp, args.num_microbatches)
+    else:
+        layers = shape.num_layers // (pp * vpp) * min(args.num_microbatches * vpp, (pp - 1) * 2 + (vpp - 1) * pp + 1)
+    tokens = args.seq_length // args.layout.cp // (args.layout.tp if args.sequence_parallel else 1)
+    return (layers + 1) * tokens * args.micro_batch_size * shape.hidden_size * (2 if args.bf16 else 4)
+
+
+def available_host_bytes() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` (what the kernel can give without swapping)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise SetupError("--offload-layer-inputs: /proc/meminfo has no MemAvailable line to check host memory against")
+
+
+def check_host_memory(args: argparse.Namespace, shape) -> None:
+    """The host memory ``--offload-layer-inputs`` needs on this node (every local rank's
+    :func:`offloaded_bytes`; ``LOCAL_WORLD_SIZE`` ranks) fits what the machine has available."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed, available = offloaded_bytes(args, shape) * local_ranks, available_host_bytes()
+    _require(needed <= available,
+             f"--offload-layer-inputs needs {needed / 2**30:.2f} GiB of host memory on this node ({local_ranks} "
+             f"ranks x {needed / local_ranks / 2**30:.2f} GiB of layer inputs) but {available / 2**30:.2f} GiB are "
+             "available; drop the flag, shorten --seq-length or use more GPUs (TP with SP, CP or PP)")
 
 
 def layout_of(args: argparse.Namespace, world_size: int) -> ParallelLayout:

@@ -34,7 +34,7 @@ def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: 
               vp_stage: Optional[int] = None):
     """The model provider: one model chunk, stock megatron-core when ``mst`` is None.
 
-    ``mst`` holds ``mlp_mini_sequences`` and ``lm_head_mini_sequences``. Both models have the same
+    ``mst`` (:func:`mst_options`) holds ``MSTGPTModel``'s options. Both models have the same
     parameters and state-dict keys, so checkpoints move freely between them.
     """
     common = dict(
@@ -59,9 +59,16 @@ def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: 
     from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_block_spec
 
     block_spec = get_gpt_mst_block_spec(config, mst["mlp_mini_sequences"], vp_stage=vp_stage)
-    return MSTGPTModel(
-        transformer_layer_spec=block_spec, lm_head_mini_sequences=mst["lm_head_mini_sequences"], **common
-    )
+    return MSTGPTModel(transformer_layer_spec=block_spec, lm_head_mini_sequences=mst["lm_head_mini_sequences"],
+                       offload_layer_inputs=mst["offload_layer_inputs"], **common)
+
+
+def mst_options(args) -> Optional[dict]:
+    """The MST options of the flags (None: ``--no-mst``, stock megatron-core)."""
+    if args.no_mst:
+        return None
+    return dict(mlp_mini_sequences=args.mlp_mini_sequences, lm_head_mini_sequences=args.lm_head_mini_sequences,
+                offload_layer_inputs=args.offload_layer_inputs)
 
 
 def build_model(config, shape, vocab_size: int, mst: Optional[dict], use_distributed_optimizer: bool,
@@ -444,8 +451,9 @@ def check_inputs(argv: Optional[List[str]] = None, configs_dir: Optional[str] = 
     blend = data.parse_data_path(args.data_path)
     data.check_data(blend[0], tokenizer.vocab_size, args.split, describe_tokenizer(args))
     data.check_cache(blend[0], args.data_cache_path)
-    mst = None if args.no_mst else dict(mlp_mini_sequences=args.mlp_mini_sequences,
-                                        lm_head_mini_sequences=args.lm_head_mini_sequences)
+    mst = mst_options(args)
+    if args.offload_layer_inputs:
+        arguments.check_host_memory(args, shape)
     vocab_size = _vocab_size(shape, tokenizer, args)
     args.vocab_tokens = shape.vocab_size or tokenizer.vocab_size  # before padding
     run_info = dict(architecture={**shape.architecture(), "vocab_size": vocab_size},

@@ -281,6 +281,18 @@ def test_ring_context_parallel_trains_like_tensor_parallel(corpus, uninterrupted
         assert rel_err(loss, uninterrupted["steps"][i]) <= 1e-5, (i, loss, uninterrupted["steps"][i])
 
 
+def test_layer_input_offload_trains_like_tensor_parallel(corpus, uninterrupted):
+    """Run J: PP=2 (two micro-batches in flight on the first stage) under full recompute with
+    ``--offload-layer-inputs`` from scratch: step by step the losses of run A (TP=2)."""
+    out, steps, _ = _train(corpus, "--pipeline-model-parallel-size", "2", "--offload-layer-inputs",
+                           "--recompute-granularity", "full", "--recompute-method", "uniform",
+                           "--recompute-num-layers", "1", tp=1)
+    assert "TP=1 PP=2 CP=1 DP=1" in out
+    assert sorted(steps) == list(range(1, 9))
+    for i, loss in steps.items():
+        assert rel_err(loss, uninterrupted["steps"][i]) <= 1e-5, (i, loss, uninterrupted["steps"][i])
+
+
 A_CKPT = "{A}"  # stands for run A's checkpoint root in the rows below
 
 
@@ -347,6 +359,11 @@ A_CKPT = "{A}"  # stands for run A's checkpoint root in the rows below
         (dict(extra=["--load", A_CKPT, "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"]),
          r"--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other"),
         (dict(extra=["--finetune"]), r"--finetune needs --load"),
+        (dict(extra=["--offload-layer-inputs"]), r"--offload-layer-inputs keeps the inputs that full recompute "
+                                                  r"stores in host memory: it needs --recompute-granularity full"),
+        (dict(extra=["--offload-layer-inputs", "--recompute-granularity", "full", "--recompute-method", "uniform",
+                     "--recompute-num-layers", "1"], env={"LOCAL_WORLD_SIZE": "100000000"}),
+         r"--offload-layer-inputs needs [0-9.]+ GiB of host memory on this node \(100000000 ranks x 0\.00 GiB"),
     ],
 )
 def test_bad_input_fails_before_any_work(corpus, uninterrupted, tmp_path, monkeypatch, capsys, change, message):
@@ -366,6 +383,8 @@ def test_bad_input_fails_before_any_work(corpus, uninterrupted, tmp_path, monkey
     extra = [next((w.replace(k, v) for k, v in places.items() if k in w), w) for w in change.get("extra", [])]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    for name, value in change.get("env", {}).items():
+        monkeypatch.setenv(name, value)
     argv = ["--tokenizer-model", corpus[change.get("tokenizer", "tokenizer")],
             "--data-path", *change.get("data", [corpus["code"]]), *MODEL, *RUN, *extra]
     try:
