@@ -31,6 +31,7 @@ BRIDGED_MODULES = {
     "megatron.core.tensor_parallel.mappings": "sequence-parallel all-gather/reduce-scatter output buffers",
     "megatron.core.utils": "GlobalMemoryBuffer (sequence-parallel all-gather buffer) on current_device()",
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "RoPE inv_freq moved to current_device()",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "YaRN inv_freq moved to current_device()",
     "megatron.core.models.common.embeddings.rope_utils": "CP chunk index built with pin_memory=True",
     "megatron.core.transformer.utils": 'get_default_causal_mask allocates on device="cuda"',
     "megatron.core.transformer.dot_product_attention": "attention buffers on current_device()",

@@ -38,23 +38,84 @@ from mst_megatron.training.model_config import ModelShape, _validated
 # config.json "architectures" entry -> whether its attention has q/k/v biases.
 ARCHITECTURES = {"LlamaForCausalLM": None, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# HF rope_type yarn keys (``type`` is the transformers-4 name of ``rope_type``; a transformers-5
+# ``rope_parameters`` dict also holds ``rope_theta``, read apart).
+_YARN_KEYS = ("rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+              "mscale", "mscale_all_dim", "truncate", "attention_factor")
 _HF_FILES_KEPT = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 HF_FOLDER = "hf"
 MODEL_CONFIG = "model_config.json"
 
 
-def _rope(cfg: dict):
+def _rope(cfg: dict, source: str):
     """(theta, scaling dict or None) from a transformers-4 (``rope_theta``/``rope_scaling``) or
-    transformers-5 (``rope_parameters``) config."""
+    transformers-5 (``rope_parameters``) config, as transformers reads it: a scaling dict's
+    ``original_max_position_embeddings`` is the config's top-level one if there is one, else the
+    dict's, else ``max_position_embeddings``. Partial rotary embeddings are refused."""
     params = cfg.get("rope_parameters")
     if params is not None:
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        return params.get("rope_theta", 10000.0), (None if scaling.get("rope_type", "default") == "default" else scaling)
-    scaling = cfg.get("rope_scaling")
-    if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
-    return cfg.get("rope_theta", 10000.0), scaling
+        theta, scaling = params.get("rope_theta", 10000.0), {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta, scaling = cfg.get("rope_theta", 10000.0), dict(cfg.get("rope_scaling") or {})
+    partial = scaling.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise SetupError(f"{source}: partial_rotary_factor {partial} is not supported (megatron-core's GPT rotates "
+                         "the whole head here); only 1.0")
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return theta, None
+    if "original_max_position_embeddings" in cfg:
+        scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+    scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    return theta, scaling
+
+
+def _yarn_shape_fields(scaling: dict, source: str) -> dict:
+    """The ``yarn_*`` shape fields of an HF ``rope_type: yarn`` dict, where HF's
+    ``_compute_yarn_parameters`` and megatron-core's ``YarnRotaryEmbedding`` compute the same
+    frequencies and cos/sin scale (docs/design.md, "RoPE settings from Hugging Face"); refused otherwise."""
+    unknown = sorted(set(scaling) - set(_YARN_KEYS))
+    if unknown:
+        raise SetupError(f"{source}: rope scaling yarn field(s) {unknown} are not supported; known: {sorted(_YARN_KEYS)}")
+    factor, original = scaling.get("factor"), scaling.get("original_max_position_embeddings")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor >= 1:
+        raise SetupError(f"{source}: rope scaling yarn needs factor, a number >= 1 (megatron-core's "
+                         f"yarn_rotary_scaling_factor), got {factor!r}")
+    if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+        raise SetupError(f"{source}: rope scaling yarn needs original_max_position_embeddings, an int > 0, got {original!r}")
+    # HF takes the mscale ratio only when both are non-zero (and treats 0 / None betas as 32 / 1);
+    # megatron-core takes it whenever both are given: pass both only where HF uses them.
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    ratio = bool(mscale) and bool(mscale_all_dim)
+    fields = dict(position_embedding_type="yarn", yarn_rotary_scaling_factor=float(factor),
+                  yarn_original_max_position_embeddings=original,
+                  yarn_beta_fast=float(scaling.get("beta_fast") or 32), yarn_beta_slow=float(scaling.get("beta_slow") or 1),
+                  yarn_mscale=float(mscale) if ratio else None, yarn_mscale_all_dim=float(mscale_all_dim) if ratio else None,
+                  yarn_correction_range_round_to_int=bool(scaling.get("truncate", True)))
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is not None:
+        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
+
+        derived = _yarn_get_concentration_factor(fields["yarn_rotary_scaling_factor"], fields["yarn_mscale"],
+                                                 fields["yarn_mscale_all_dim"])
+        if attention_factor != derived:
+            raise SetupError(f"{source}: rope scaling yarn attention_factor {attention_factor} is not supported: "
+                             "megatron-core derives the cos/sin scale from factor, mscale and mscale_all_dim "
+                             f"({derived} here); remove attention_factor or set it to {derived}")
+    return fields
+
+
+def _rope_shape_fields(scaling: dict, source: str) -> dict:
+    """The shape fields of an HF rope scaling dict (``rope_type`` llama3 or yarn); refused otherwise."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "yarn":
+        return _yarn_shape_fields(scaling, source)
+    fixed = {k: scaling.get(k) for k in _LLAMA3_ROPE}
+    if kind != "llama3" or fixed != _LLAMA3_ROPE:
+        raise SetupError(f"{source}: rope scaling {scaling} is not supported; known: rope_type 'llama3' with "
+                         f"{_LLAMA3_ROPE} (megatron-core's --use-rope-scaling), or rope_type 'yarn' "
+                         "(megatron-core's YaRN)")
+    return dict(rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
 
 
 def shape_from_hf(cfg: dict, source: str) -> ModelShape:
@@ -86,17 +147,10 @@ def shape_from_hf(cfg: dict, source: str) -> ModelShape:
     if window is not None:
         raise SetupError(f"{source}: sliding_window {window} is not supported (the attention here is full causal); "
                          "set it to null in config.json to train with full attention")
-    theta, scaling = _rope(cfg)
+    theta, scaling = _rope(cfg, source)
     if float(theta) != int(theta):
         raise SetupError(f"{source}: rope_theta {theta} must be a whole number (megatron-core's rotary_base is an int)")
-    rope = {}
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        fixed = {k: scaling.get(k) for k in _LLAMA3_ROPE}
-        if kind != "llama3" or fixed != _LLAMA3_ROPE:
-            raise SetupError(f"{source}: rope scaling {scaling} is not supported; known: rope_type 'llama3' with "
-                             f"{_LLAMA3_ROPE} (megatron-core's --use-rope-scaling)")
-        rope = dict(rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
+    rope = _rope_shape_fields(scaling, source) if scaling is not None else {}
     raw = dict(
         description=f"imported from {arch} ({source})",
         num_layers=cfg["num_hidden_layers"],
@@ -115,13 +169,33 @@ def shape_from_hf(cfg: dict, source: str) -> ModelShape:
     return _validated(raw, source)
 
 
+def _hf_rope_scaling(shape: ModelShape) -> Optional[dict]:
+    """The HF rope scaling dict of ``shape`` (None for plain RoPE)."""
+    if shape.rope_scaling:
+        return dict(rope_type="llama3", factor=shape.rope_scaling_factor, **_LLAMA3_ROPE)
+    if shape.position_embedding_type != "yarn":
+        return None
+    out = dict(rope_type="yarn", factor=shape.yarn_rotary_scaling_factor,
+               original_max_position_embeddings=shape.yarn_original_max_position_embeddings,
+               beta_fast=shape.yarn_beta_fast, beta_slow=shape.yarn_beta_slow,
+               truncate=shape.yarn_correction_range_round_to_int)
+    if shape.yarn_mscale is not None:
+        out.update(mscale=shape.yarn_mscale, mscale_all_dim=shape.yarn_mscale_all_dim)
+    return out
+
+
 def hf_config_for(cfg: dict, shape: ModelShape) -> dict:
     """``cfg`` (an HF config dict) updated to ``shape``'s context length and RoPE settings, in the
-    format ``cfg`` uses (``rope_parameters`` or ``rope_theta``/``rope_scaling``)."""
-    if shape.architecture() != shape_from_hf(cfg, "the HF config").replace(vocab_size=shape.vocab_size).architecture():
+    format ``cfg`` uses (``rope_parameters`` or ``rope_theta``/``rope_scaling``). ``cfg``'s own RoPE
+    entries stay as they are when they map to ``shape``'s settings (so export gives back what import read)."""
+    source_shape = shape_from_hf(cfg, "the HF config")
+    if shape.architecture() != source_shape.replace(vocab_size=shape.vocab_size).architecture():
         raise SetupError(f"the checkpoint's model {shape.architecture()} is not the HF config's model")
     out = dict(cfg, max_position_embeddings=shape.max_position_embeddings, vocab_size=shape.vocab_size)
-    scaling = dict(rope_type="llama3", factor=shape.rope_scaling_factor, **_LLAMA3_ROPE) if shape.rope_scaling else None
+    if shape_from_hf(out, "the HF config").rope_settings() == shape.rope_settings():
+        return out
+    scaling = _hf_rope_scaling(shape)
+    out.pop("original_max_position_embeddings", None)  # transformers would take it over the scaling dict's
     if "rope_parameters" in cfg:
         out["rope_parameters"] = dict(scaling or {"rope_type": "default"}, rope_theta=float(shape.rotary_base))
     else:

@@ -32,7 +32,18 @@ _KEYS = {
     "add_qkv_bias": (bool, True),
     "rope_scaling": (bool, False),
     "rope_scaling_factor": (float, False),
+    "position_embedding_type": (str, False),
+    "yarn_rotary_scaling_factor": (float, False),
+    "yarn_original_max_position_embeddings": (int, False),
+    "yarn_beta_fast": (float, False),
+    "yarn_beta_slow": (float, False),
+    "yarn_mscale": (float, False),
+    "yarn_mscale_all_dim": (float, False),
+    "yarn_correction_range_round_to_int": (bool, False),
 }
+_NULLABLE = ("vocab_size", "yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_mscale",
+             "yarn_mscale_all_dim")
+POSITION_EMBEDDING_TYPES = ("rope", "yarn")
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,17 @@ class ModelShape:
     # context 8192, as megatron-core fixes them); ``rope_scaling_factor`` is used only when it is on.
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
+    # "yarn": megatron-core's YarnRotaryEmbedding instead of plain RoPE; the ``yarn_*`` fields are
+    # megatron-core's config attributes of that name (the scaling factor and the original context are
+    # required; ``yarn_mscale``/``yarn_mscale_all_dim`` None: attention factor 0.1 ln(factor) + 1).
+    position_embedding_type: str = "rope"
+    yarn_rotary_scaling_factor: Optional[float] = None
+    yarn_original_max_position_embeddings: Optional[int] = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: Optional[float] = None
+    yarn_mscale_all_dim: Optional[float] = None
+    yarn_correction_range_round_to_int: bool = True
 
     def replace(self, **changes) -> "ModelShape":
         """A copy with some fields changed (command-line overrides), validated again."""
@@ -77,6 +99,20 @@ class ModelShape:
                                               "num_query_groups", "vocab_size", "share_embeddings_and_output_weights",
                                               "add_qkv_bias")}
 
+    def rope_settings(self) -> dict:
+        """The rotary-embedding fields in effect (the scaling fields only when their scaling is on)."""
+        out = dict(rotary_base=self.rotary_base, position_embedding_type=self.position_embedding_type,
+                   rope_scaling=self.rope_scaling, **self.yarn_config())
+        if self.rope_scaling:
+            out["rope_scaling_factor"] = self.rope_scaling_factor
+        return out
+
+    def yarn_config(self) -> dict:
+        """The ``yarn_*`` TransformerConfig attributes megatron-core's YaRN reads ({} without YaRN)."""
+        if self.position_embedding_type != "yarn":
+            return {}
+        return {k: v for k, v in self.__dict__.items() if k.startswith("yarn_")}
+
 
 def _validated(raw: dict, source: str) -> ModelShape:
     unknown = sorted(set(raw) - set(_KEYS))
@@ -88,7 +124,7 @@ def _validated(raw: dict, source: str) -> ModelShape:
                 raise SetupError(f"{source}: model config key {key!r} is missing")
             continue
         value = raw[key]
-        if key == "vocab_size" and value is None:
+        if key in _NULLABLE and value is None:
             continue
         allowed = (int, float) if kind is float else kind
         if not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool)):
@@ -96,6 +132,7 @@ def _validated(raw: dict, source: str) -> ModelShape:
         if kind in (int, float) and not value > 0:
             raise SetupError(f"{source}: model config {key!r} must be > 0, got {value!r}")
     shape = ModelShape(**raw)
+    _check_rope(shape, source)
     if shape.num_attention_heads % shape.num_query_groups:
         raise SetupError(
             f"{source}: num_attention_heads ({shape.num_attention_heads}) must be a multiple of "
@@ -107,6 +144,34 @@ def _validated(raw: dict, source: str) -> ModelShape:
             f"num_attention_heads ({shape.num_attention_heads})"
         )
     return shape
+
+
+def _check_rope(shape: ModelShape, source: str) -> None:
+    kind = shape.position_embedding_type
+    if kind not in POSITION_EMBEDDING_TYPES:
+        raise SetupError(f"{source}: position_embedding_type {kind!r} is not supported; allowed: "
+                         f"{list(POSITION_EMBEDDING_TYPES)}")
+    defaults = ModelShape.__dataclass_fields__
+    if kind == "yarn":
+        missing = [k for k in ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings")
+                   if getattr(shape, k) is None]
+        if missing:
+            raise SetupError(f"{source}: position_embedding_type 'yarn' needs {missing}")
+        if shape.rope_scaling:
+            raise SetupError(f"{source}: rope_scaling (Llama-3.1 scaling) and position_embedding_type 'yarn' "
+                             "exclude each other; pick one")
+        if (shape.yarn_mscale is None) != (shape.yarn_mscale_all_dim is None):
+            raise SetupError(f"{source}: yarn_mscale and yarn_mscale_all_dim are used together (the attention "
+                             "factor is their ratio) or both null (0.1 ln(factor) + 1); got "
+                             f"{shape.yarn_mscale} and {shape.yarn_mscale_all_dim}")
+        if (shape.yarn_mscale is None) != (shape.yarn_mscale_all_dim is None):
+            raise SetupError(f"{source}: yarn_mscale and yarn_mscale_all_dim are used together (their ratio is the "
+                             "attention factor) or not at all; give both or neither")
+    else:
+        set_here = sorted(k for k in defaults if k.startswith("yarn_") and getattr(shape, k) != defaults[k].default)
+        if set_here:
+            raise SetupError(f"{source}: {set_here} apply only with position_embedding_type 'yarn', "
+                             f"not {kind!r}")
 
 
 def load_model_shape(name_or_path: str, search_dir: Optional[str] = None) -> ModelShape:
@@ -143,6 +208,7 @@ def transformer_config(shape: ModelShape, **run_options):
         layernorm_epsilon=shape.norm_epsilon,
         add_qkv_bias=shape.add_qkv_bias,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        **shape.yarn_config(),
     )
     kwargs.update(run_options)
     try:

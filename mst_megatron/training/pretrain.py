@@ -44,7 +44,7 @@ def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: 
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=shape.share_embeddings_and_output_weights,
-        position_embedding_type="rope",
+        position_embedding_type=shape.position_embedding_type,
         rotary_base=shape.rotary_base,
         rope_scaling=shape.rope_scaling,
         rope_scaling_factor=shape.rope_scaling_factor,

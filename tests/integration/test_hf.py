@@ -1,12 +1,14 @@
 """Hugging Face checkpoints in and out (:mod:`mst_megatron.training.hf`), on tiny random models built
 with ``transformers`` (real Llama / Mistral / Qwen2 classes, no download): the imported MST model's
-per-token loss equals the HF model's at TP 1 and TP 2 (RoPE base and Llama-3.1 scaling included),
+per-token loss equals the HF model's at TP 1 and TP 2, and its loss at PP 2 and CP 2; each rotary
+setting (RoPE base, Llama-3.1 scaling, YaRN) equals HF's at 4x the model's context and exports back;
 export after import is bit for bit, a training run at 4x the model's max_position_embeddings goes back
 to HF with the same loss at those positions, and every bad input fails with its own error before any work.
 """
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -79,7 +81,8 @@ def megatron_token_losses(path, shape, tokens, mst=True):
 
 
 def _compare_at_tp(cases, tokens, tps):
-    """On each rank: every (HF folder, imported root) case at every TP size in ``tps``, MST and stock."""
+    """On each rank: every (HF folder, imported root) case at every TP size in ``tps``, MST and stock;
+    the model's context is the tokens' length (as ``--max-position-embeddings`` sets it in the job)."""
     from megatron.core import parallel_state as ps
 
     from mst_megatron.runtime.parallel import init_parallel
@@ -90,7 +93,7 @@ def _compare_at_tp(cases, tokens, tps):
         init_parallel(tensor_model_parallel_size=tp)
         for folder, root in cases:
             common, path = checkpointing.read_common(root)
-            shape = ModelShape(**common["model_shape"])
+            shape = ModelShape(**common["model_shape"]).replace(max_position_embeddings=tokens.shape[1] - 1)
             want = hf_token_losses(folder, tokens)
             for mst in (True, False):
                 got = megatron_token_losses(path, shape, tokens, mst)
@@ -156,12 +159,19 @@ def _edit_config(folder, **changes):
         json.dump(cfg, f)
 
 
+_YARN = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=32)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(architectures=["GPT2LMHeadModel"]), r"GPT2LMHeadModel.*known: \['LlamaForCausalLM', 'MistralForCausalLM'"),
     (dict(intermediate_size=128), r"mlp.gate_proj.weight has shape \[96, 64\], config.json implies \[128, 64\]"),
     (dict(num_hidden_layers=3), r"safetensors do not match config.json: missing \['model.layers.2"),
     (dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)), r"rope scaling .*dynamic.*not supported"),
     (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
+    (dict(rope_parameters=dict(_YARN, attention_factor=2.0)),
+     r"yarn attention_factor 2.0 is not supported: .*\(1.138\d+ here\); remove attention_factor or set it to"),
+    (dict(rope_parameters=dict(_YARN, extrapolation=2)), r"yarn field\(s\) \['extrapolation'\] are not supported; known:"),
+    (dict(rope_parameters={k: v for k, v in _YARN.items() if k != "factor"}), r"yarn needs factor, a number >= 1"),
 ])
 def test_bad_hf_folder_fails_before_any_work(tmp_path, change, message):
     from mst_megatron.training import SetupError, hf
@@ -171,6 +181,32 @@ def test_bad_hf_folder_fails_before_any_work(tmp_path, change, message):
     with pytest.raises(SetupError, match=message):
         hf.import_hf(folder, str(tmp_path / "ckpt"))
     assert not os.path.exists(tmp_path / "ckpt")
+
+
+_SHAPE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+              vocab_size=512, max_position_embeddings=128, rotary_base=10000, norm_epsilon=1e-5,
+              share_embeddings_and_output_weights=False, add_qkv_bias=False)
+_YARN_SHAPE = dict(position_embedding_type="yarn", yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=32)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(position_embedding_type="alibi"), r"position_embedding_type 'alibi' is not supported; allowed: \['rope', 'yarn'\]"),
+    (dict(position_embedding_type="yarn", yarn_rotary_scaling_factor=4.0),
+     r"position_embedding_type 'yarn' needs \['yarn_original_max_position_embeddings'\]"),
+    (dict(_YARN_SHAPE, rope_scaling=True), r"rope_scaling .* and position_embedding_type 'yarn' exclude each other"),
+    (dict(_YARN_SHAPE, yarn_mscale=1.0), r"yarn_mscale and yarn_mscale_all_dim are used together"),
+    (dict(yarn_beta_fast=16.0), r"\['yarn_beta_fast'\] apply only with position_embedding_type 'yarn', not 'rope'"),
+])
+def test_model_config_rope_fields_are_checked(tmp_path, fields, message):
+    from mst_megatron.training import SetupError
+    from mst_megatron.training.model_config import load_model_shape
+
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(dict(_SHAPE, **fields)))
+    with pytest.raises(SetupError, match=message):
+        load_model_shape(str(path))
+    path.write_text(json.dumps(dict(_SHAPE, **_YARN_SHAPE)))
+    assert load_model_shape(str(path)).yarn_config()["yarn_beta_fast"] == 32.0  # a valid YaRN shape loads
 
 
 def test_bad_targets_and_vocab_padding_fail(imported, tmp_path):
@@ -222,3 +258,108 @@ def test_train_at_4x_context_then_export_loads_in_transformers(corpus, tmp_path)
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
     held_out = torch.randint(0, BASE["vocab_size"], (2, 257), generator=torch.Generator().manual_seed(7))
     run_on_ranks(_compare_at_tp, 1, [(out, root)], held_out, (1,))
+
+
+# Each rotary setting on a Llama whose context is 32 positions, checked at 128: plain RoPE with its base,
+# Llama-3.1 scaling (megatron-core fixes its original context at 8192; the rescaled frequencies apply at
+# every position), YaRN from a 32-position original context with HF's defaults, and YaRN with every field
+# set (betas, the mscale ratio, the attention factor it implies, unrounded correction range).
+_YARN_FULL = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, beta_fast=16.0, beta_slow=2.0,
+                  mscale=0.707, mscale_all_dim=1.0, truncate=False)
+_YARN_FULL["attention_factor"] = (0.1 * 0.707 * math.log(4.0) + 1.0) / (0.1 * 1.0 * math.log(4.0) + 1.0)
+ROTARY = {
+    "rope_theta": (dict(rope_type="default", rope_theta=50000.0), dict(rotary_base=50000)),
+    "llama3": (dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192), dict(rotary_base=500000, rope_scaling_factor=8.0)),
+    "yarn": (dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32),
+             dict(position_embedding_type="yarn", yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=32,
+                  yarn_beta_fast=32.0, yarn_beta_slow=1.0, yarn_mscale=None, yarn_mscale_all_dim=None,
+                  yarn_correction_range_round_to_int=True)),
+    "yarn_all_fields": (dict(_YARN_FULL, rope_theta=20000.0),
+                        dict(rotary_base=20000, yarn_beta_fast=16.0, yarn_beta_slow=2.0, yarn_mscale=0.707,
+                             yarn_mscale_all_dim=1.0, yarn_correction_range_round_to_int=False)),
+}
+
+
+def test_rotary_settings_equal_hf_beyond_the_original_context(tmp_path):
+    """Per rotary setting: import maps rope_theta / rope_scaling to megatron-core's fields; export
+    writes them back (kept as read, and rebuilt from the checkpoint alone: exported over a plain-RoPE
+    HF config); the imported model (MST and stock) equals the HF model per token at 4x its context,
+    and the rebuilt export equals the source HF model."""
+    from mst_megatron.training import hf
+
+    plain = make_hf_model(tmp_path / "plain", "llama", max_position_embeddings=32,
+                          rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    cases = []
+    for name, (rope, fields) in ROTARY.items():
+        folder = make_hf_model(tmp_path / name, "llama", max_position_embeddings=32, rope_parameters=rope)
+        root = str(tmp_path / f"{name}-ckpt")
+        shape = hf.import_hf(folder, root)
+        got = {k: getattr(shape, k) for k in fields}
+        assert got == fields, name
+        assert shape.rope_scaling == (name == "llama3") and shape.position_embedding_type == (
+            "yarn" if name.startswith("yarn") else "rope"), name
+        kept, rebuilt = hf.export_hf(root, str(tmp_path / f"{name}-kept")), \
+            hf.export_hf(root, str(tmp_path / f"{name}-rebuilt"), hf_folder=plain)
+        assert hf.read_hf_config(kept)["rope_parameters"] == rope, name
+        # rebuilt: the betas and truncate written out, the attention factor left for HF to derive
+        want = {k: v for k, v in rope.items() if k != "attention_factor"}
+        if name == "yarn":
+            want.update(beta_fast=32.0, beta_slow=1.0, truncate=True)
+        assert hf.read_hf_config(rebuilt)["rope_parameters"] == want, name
+        cases.append((folder, root, rebuilt))
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 129), generator=torch.Generator().manual_seed(3))
+    run_on_ranks(_compare_at_tp, 1, [case[:2] for case in cases], tokens, (1,))
+    for folder, _, rebuilt in cases:
+        rel = rel_err(hf_token_losses(rebuilt, tokens), hf_token_losses(folder, tokens))
+        assert rel <= REL, f"{rebuilt}: per-token loss rel error {rel:.2e} against the source HF model"
+
+
+def _mean_loss_at_layout(cases, tokens, layouts):
+    """On each rank: every (HF folder, imported root) case loaded as the job loads it (its model
+    chunks in DDP, ``load_weights``) at each layout (PP, CP), MST and stock (MST only at CP > 1: the
+    stock local-spec attention refuses CP); the mean loss of the tokens through megatron's schedule
+    equals the HF model's."""
+    from megatron.core import parallel_state as ps
+
+    from mst_megatron.runtime.parallel import init_parallel
+    from mst_megatron.training import checkpointing, model_config
+    from mst_megatron.training.model_config import ModelShape
+    from mst_megatron.training.pretrain import build_model
+    from tests.helpers.training import forward_backward
+
+    inputs, labels = tokens[None, :, :-1], tokens[None, :, 1:].contiguous()  # one micro-batch
+    for pp, cp in layouts:
+        init_parallel(pipeline_model_parallel_size=pp, context_parallel_size=cp)
+        for folder, root in cases:
+            common, path = checkpointing.read_common(root)
+            shape = ModelShape(**common["model_shape"]).replace(max_position_embeddings=inputs.shape[-1])
+            want = float(hf_token_losses(folder, tokens).mean())
+            config = model_config.transformer_config(shape, pipeline_model_parallel_size=pp, context_parallel_size=cp,
+                                                     use_cpu_initialization=True, batch_p2p_comm=False)
+            mst_model = dict(mlp_mini_sequences=3, lm_head_mini_sequences=3)
+            for mst in (mst_model, None) if cp == 1 else (mst_model,):  # stock local-spec attention has no CP
+                chunks = build_model(config, shape, shape.vocab_size, mst, use_distributed_optimizer=False)
+                checkpointing.load_weights(path, chunks)
+                for chunk in chunks:
+                    chunk.eval()
+                got = forward_backward(chunks, inputs, labels, forward_only=True)
+                if got is not None:  # the last pipeline stage
+                    rel = abs(got - want) / abs(want)
+                    assert rel <= REL, f"{folder} PP{pp} CP{cp} mst={mst is not None}: loss rel error {rel:.2e}"
+                    print(f"{os.path.basename(folder)} PP{pp} CP{cp} mst={mst is not None}: "
+                          f"loss rel error {rel:.2e}")
+        ps.destroy_model_parallel()
+
+
+def test_imported_checkpoint_loads_at_pp2_and_cp2(imported, tmp_path):
+    """The imported checkpoints (TP 1, one stage) load split over 2 pipeline stages (tied
+    embeddings across stages: Qwen2) and over 2 context-parallel ranks (YaRN's positions sliced per
+    CP rank included) with the HF model's loss."""
+    from mst_megatron.training import hf
+
+    folder = make_hf_model(tmp_path / "yarn", "llama", max_position_embeddings=32, rope_parameters=ROTARY["yarn"][0])
+    hf.import_hf(folder, str(tmp_path / "yarn-ckpt"))
+    cases = [imported["qwen2"], (folder, str(tmp_path / "yarn-ckpt"))]
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 65), generator=torch.Generator().manual_seed(5))
+    run_on_ranks(_mean_loss_at_layout, 2, cases, tokens, ((2, 1), (1, 2)))
