@@ -269,6 +269,7 @@ def simulate_rank(a, shape, rank: int) -> Dict:
             pipeline_model_parallel_size=a.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=a.virtual_pipeline_model_parallel_size,
             context_parallel_size=a.context_parallel_size,
+            hierarchical_context_parallel_sizes=a.hierarchical_context_parallel_sizes,
             create_gloo_process_groups=False,
         )
         tensor_parallel.model_parallel_cuda_manual_seed(a.seed)
@@ -292,7 +293,9 @@ def simulate(args, shape, seq_length: int) -> Dict:
 
 def _layout(a) -> Dict:
     return dict(world_size=a.world_size, tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
-                vpp=a.virtual_pipeline_model_parallel_size, cp=a.context_parallel_size, dp=a.data_parallel_size,
+                vpp=a.virtual_pipeline_model_parallel_size, cp=a.context_parallel_size,
+                cp_comm_type=a.cp_comm_type, hierarchical_cp_sizes=a.hierarchical_context_parallel_sizes,
+                dp=a.data_parallel_size,
                 sp=a.sequence_parallel, micro_batch_size=a.micro_batch_size, num_microbatches=a.num_microbatches,
                 recompute=a.recompute_granularity, mst=not a.no_mst, bf16=a.bf16,
                 distributed_optimizer=a.use_distributed_optimizer)
