@@ -1,4 +1,4 @@
-"""Context parallelism: per-rank memory of a full MST training step at world sizes 1, 2 and 4, and the
+"""Context parallelism: per-rank memory of a full MST training step at world sizes 1 to 8, and the
 longest sequence that fits a fixed per-rank memory budget for each.
 
 Model: the whole MST model (MST block spec in an ``MSTGPTModel``: SDPA attention, mini-sequence MLP
@@ -9,8 +9,10 @@ training step = megatron's schedule (forward + backward, the batch sharded per C
 ``get_batch_on_this_cp_rank``) + DDP gradient reduction + Adam step, after one warm-up step (so
 Adam's state exists before the measured step, as in any step but the first).
 
-Layouts (tensor x context parallel, one gloo rank per GPU stand-in): 1, CP=2, CP=4, TP=2 and TP=2 x
-CP=2 (TP always with sequence parallelism). Each rank measures its own step with
+Layouts (tensor x context parallel with megatron's ``cp_comm_type``, one gloo rank per GPU stand-in):
+1; the all-to-all (``a2a``) at CP 2 and 4; the ring (``p2p``) at CP 2, 4 and 8; ``a2a+p2p`` at CP 4 =
+2 x 2 (all-to-all inside pairs, ring across them); TP=2 and TP=2 x CP=2 (``a2a``), TP always with
+sequence parallelism. Each rank measures its own step with
 :func:`mst_megatron.measure.memory.measure_peak` (MemTracker); the table shows the largest rank.
 
 * ``peak``: the whole per-rank peak (weights, DDP gradient buffers, Adam state, activations).
@@ -19,7 +21,8 @@ CP=2 (TP always with sequence parallelism). Each rank measures its own step with
   with the sequence (``fixed``, its S -> 0 intercept: weights, gradient buffers, Adam state, and the
   weight-gradient temporaries of the embedding and head) and the activation memory ``act = peak -
   fixed`` (activations, recomputed activations, activation gradients). Target: ``act`` within 15% of
-  ``1/(TP x CP)`` of the single rank's at the same global sequence. The JSON also keeps MemTracker's
+  ``1/(TP x CP)`` of the single rank's at the same global sequence, and at CP 8 a longest S at least
+  7 times the single rank's. The JSON also keeps MemTracker's
   breakdown by category at each peak.
 * ``longest S``: the longest global sequence whose per-rank peak fits the budget (default: the single
   rank's peak at ``--seq``, so the single rank's longest is about ``--seq``), measured to within 2%:
@@ -33,6 +36,7 @@ Examples::
 
     nice -n 19 python -m benchmarks.bench_context_parallel                       # S = 2048
     python -m benchmarks.bench_context_parallel --seq 512 --rows /tmp/rows.jsonl  # a quick smoke run
+    python -m benchmarks.bench_context_parallel --seq 512 --layouts 1 "CP=8 p2p" --rows /tmp/rows.jsonl
 """
 
 import argparse
@@ -40,6 +44,8 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -50,15 +56,44 @@ from tests.helpers.multirank import run_on_ranks
 
 SHAPE = dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8, num_query_groups=4)
 VOCAB = 2048
-# name: (TP, CP); TP=2 alone separates what TP + SP contribute from what CP does
-LAYOUTS = {"1": (1, 1), "CP=2": (1, 2), "CP=4": (1, 4), "TP=2": (2, 1), "TP=2 x CP=2": (2, 2)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A measured layout: TP (with SP when > 1) x CP, CP's exchange and ``a2a+p2p``'s [a2a, ring] sizes."""
+
+    tp: int = 1
+    cp: int = 1
+    cp_comm_type: str = "a2a"
+    hierarchical: Optional[Tuple[int, int]] = None
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.cp
+
+    @property
+    def granularity(self) -> int:
+        """What every global length must divide by: megatron's CP layout, then SP's split of each shard."""
+        return 2 * self.cp * self.tp
+
+
+# TP=2 alone separates what TP + SP contribute from what CP does; the single rank ("1") comes first
+# (it sets the budget). The ring needs no head split: the 8 heads would also serve a2a up to CP 8.
+LAYOUTS = {
+    "1": Layout(),
+    "CP=2 a2a": Layout(cp=2), "CP=2 p2p": Layout(cp=2, cp_comm_type="p2p"), "TP=2": Layout(tp=2),
+    "CP=4 a2a": Layout(cp=4), "CP=4 p2p": Layout(cp=4, cp_comm_type="p2p"),
+    "CP=4 a2a+p2p 2x2": Layout(cp=4, cp_comm_type="a2a+p2p", hierarchical=(2, 2)),
+    "TP=2 x CP=2 a2a": Layout(tp=2, cp=2), "CP=8 p2p": Layout(cp=8, cp_comm_type="p2p"),
+}
 TARGET_SLACK = 0.15  # per-rank activations within 15% of 1/(TP x CP) of the single rank's
+REACH_TARGET = (8, 7.0)  # at a world of 8, the longest S at least 7x the single rank's
 
 
 class Trainer:
     """This rank's MST model in DDP with megatron's Adam, one training step per call."""
 
-    def __init__(self, tp: int, cp: int, max_seq: int):
+    def __init__(self, layout: Layout, max_seq: int):
         import mst_megatron
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -66,13 +101,16 @@ class Trainer:
         from tests.helpers.models import mst_full_gpt, tiny_config
         from tests.helpers.training import wrap_ddp
 
-        mst_megatron.init_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-        config = tiny_config(**SHAPE, sequence_parallel=tp > 1, recompute_granularity="full",
-                             recompute_method="uniform", recompute_num_layers=1)
+        hierarchical = None if layout.hierarchical is None else list(layout.hierarchical)
+        mst_megatron.init_parallel(tensor_model_parallel_size=layout.tp, context_parallel_size=layout.cp,
+                                   hierarchical_context_parallel_sizes=hierarchical)
+        config = tiny_config(**SHAPE, sequence_parallel=layout.tp > 1, recompute_granularity="full",
+                             recompute_method="uniform", recompute_num_layers=1, cp_comm_type=layout.cp_comm_type,
+                             hierarchical_context_parallel_sizes=hierarchical)
         (self.model,) = wrap_ddp([mst_full_gpt(config, vocab_size=VOCAB, seq_length=max_seq)], config)
         self.optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4), [self.model])
         self.forward_backward = get_forward_backward_func()
-        self.granularity = 2 * cp * tp  # megatron's CP layout, then SP's split of each CP shard
+        self.granularity = layout.granularity
 
     def step(self, seq: int) -> None:
         from mst_megatron.training.pretrain import forward_step
@@ -129,18 +167,19 @@ class Trainer:
         return max(self.granularity, int(seq) // self.granularity * self.granularity)
 
 
-def layout_body(name: str, tp: int, cp: int, seq: int, budget, out_path: str) -> None:
+def layout_body(name: str, layout: Layout, seq: int, budget, out_path: str) -> None:
     """On each rank of a TP x CP world: warm up, peaks at seq/2 and seq, the longest S for the budget."""
     import torch.distributed as dist
 
-    trainer = Trainer(tp, cp, max_seq=16 * seq)
+    trainer = Trainer(layout, max_seq=16 * seq)
     trainer.step(trainer.granularity * 8)  # warm-up: creates Adam's state
     points = [trainer.peak(seq // 2), trainer.peak(seq)]
     bytes_per_token = (points[1]["peak"] - points[0]["peak"]) / (seq - seq // 2)
     fixed = points[1]["peak"] - bytes_per_token * seq
     if budget is None:  # the single rank defines the budget: its own peak at seq
         budget = points[1]["peak"]
-    result = dict(layout=name, tp=tp, cp=cp, world=tp * cp, budget=budget, points=points, fixed=fixed,
+    result = dict(layout=name, tp=layout.tp, cp=layout.cp, cp_comm_type=layout.cp_comm_type,
+                  hierarchical=layout.hierarchical, world=layout.world, budget=budget, points=points, fixed=fixed,
                   act=points[1]["peak"] - fixed, bytes_per_token=bytes_per_token,
                   longest=trainer.longest(points, fixed, bytes_per_token, budget))
     if dist.get_rank() == 0:
@@ -148,27 +187,42 @@ def layout_body(name: str, tp: int, cp: int, seq: int, budget, out_path: str) ->
             json.dump(result, f)
 
 
-def run(seq: int) -> dict:
+def run(seq: int, names) -> dict:
+    """Every layout of ``names`` (the single rank "1" first: its peak at ``seq`` is the budget)."""
     results, budget = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (tp, cp) in LAYOUTS.items():
+        for name in names:
+            layout = LAYOUTS[name]
             path = os.path.join(tmp, "result.json")
             t0 = time.perf_counter()
-            run_on_ranks(layout_body, tp * cp, name, tp, cp, seq, budget, path, timeout=1200)
+            run_on_ranks(layout_body, layout.world, name, layout, seq, budget, path, timeout=2400)
             with open(path) as f:
                 results.append(json.load(f))
             budget = results[0]["budget"]
             print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return summarize(results, dict(shape=SHAPE, vocab=VOCAB, seq=seq, dtype="fp32", batch=1,
+                                   recompute="full uniform 1", mini_sequences="auto", threads_per_rank=1,
+                                   budget_bytes=budget))
+
+
+def summarize(results: list, settings: dict) -> dict:
+    """The report of the layouts' results (the single rank's first): each one's activations against
+    ``1/(TP x CP)`` of the single rank's and its longest S against the single rank's, and the targets:
+    ``target_met`` (every layout's activations within :data:`TARGET_SLACK`), ``reach_met`` (every layout
+    of :data:`REACH_TARGET`'s world reaches its factor; None when none was measured)."""
     single = results[0]
+    if single["world"] != 1:
+        raise ValueError(f"the first result must be the single rank's (it sets the budget), got {single['layout']!r}")
     for r in results:
         r["act_ratio"] = r["act"] / single["act"]
         r["act_target"] = 1 / r["world"]
         r["act_vs_target"] = r["act_ratio"] / r["act_target"]
         r["longest_vs_single"] = r["longest"]["seq"] / single["longest"]["seq"]
-    return dict(machine=machine(), settings=dict(shape=SHAPE, vocab=VOCAB, seq=seq, dtype="fp32", batch=1,
-                                                 recompute="full uniform 1", mini_sequences="auto",
-                                                 threads_per_rank=1, budget_bytes=budget),
-                results=results, target_met=all(r["act_vs_target"] <= 1 + TARGET_SLACK for r in results))
+    world, factor = REACH_TARGET
+    reach = [r["longest_vs_single"] >= factor for r in results if r["world"] == world]
+    return dict(machine=machine(), settings=settings, results=results,
+                target_met=all(r["act_vs_target"] <= 1 + TARGET_SLACK for r in results),
+                reach_met=all(reach) if reach else None)
 
 
 def print_table(report) -> None:
@@ -176,14 +230,16 @@ def print_table(report) -> None:
     s = report["settings"]
     print(f"\nper-rank peak of one training step at S={s['seq']} (largest rank, MiB); longest S for a "
           f"per-rank budget of {s['budget_bytes'] / 2**20:.1f} MiB")
-    print(f"{'layout':12s} {'world':>5s} {'peak':>8s} {'fixed':>8s} {'act':>8s} {'act/1':>7s} {'1/(TPxCP)':>9s} "
+    print(f"{'layout':16s} {'world':>5s} {'peak':>8s} {'fixed':>8s} {'act':>8s} {'act/1':>7s} {'1/(TPxCP)':>9s} "
           f"{'ratio':>6s} {'longest S':>9s} {'x single':>8s} {'its peak':>8s}")
     for r in report["results"]:
         p, lo = r["points"][1], r["longest"]
-        print(f"{r['layout']:12s} {r['world']:5d} {mib(p['peak'])} {mib(r['fixed'])} {mib(r['act'])} {r['act_ratio']:7.3f} "
-              f"{r['act_target']:9.3f} {r['act_vs_target']:6.3f} {lo['seq']:9d} {r['longest_vs_single']:8.2f} "
-              f"{mib(lo['peak'])}")
-    print(f"target (activations within {TARGET_SLACK:.0%} of 1/(TP x CP)) met: {report['target_met']}")
+        print(f"{r['layout']:16s} {r['world']:5d} {mib(p['peak'])} {mib(r['fixed'])} {mib(r['act'])} "
+              f"{r['act_ratio']:7.3f} {r['act_target']:9.3f} {r['act_vs_target']:6.3f} {lo['seq']:9d} "
+              f"{r['longest_vs_single']:8.2f} {mib(lo['peak'])}")
+    world, factor = REACH_TARGET
+    print(f"target (activations within {TARGET_SLACK:.0%} of 1/(TP x CP)) met: {report['target_met']}; "
+          f"target (longest S at world {world} >= {factor:g}x the single rank's) met: {report['reach_met']}")
 
 
 def report_rows(report, prov) -> list:
@@ -201,17 +257,28 @@ def report_rows(report, prov) -> list:
             for r in report["results"]]
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, default=2048, help="global sequence length for the memory table")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), metavar="NAME",
+                        help=f"layouts to measure, the single rank first (default: all of {list(LAYOUTS)})")
     add_rows_argument(parser)
     args = parser.parse_args(argv)
-    granularity = max(2 * cp * tp for tp, cp in LAYOUTS.values())
+    unknown = [n for n in args.layouts if n not in LAYOUTS]
+    if unknown or args.layouts[0] != "1":
+        parser.error(f"--layouts must start with '1' (the single rank sets the budget) and name layouts of "
+                     f"{list(LAYOUTS)}, got {args.layouts}")
+    granularity = max(LAYOUTS[n].granularity for n in args.layouts)
     if args.seq % (2 * granularity):
-        raise SystemExit(f"--seq must be a multiple of {2 * granularity} (so is --seq / 2 of {granularity}), "
-                         f"got {args.seq}")
+        parser.error(f"--seq must be a multiple of {2 * granularity} (so is --seq / 2 of {granularity}), "
+                     f"got {args.seq}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     prov = provenance("python -m benchmarks.bench_context_parallel")  # the code as it is when the run starts
-    report = run(args.seq)
+    report = run(args.seq, args.layouts)
     print_table(report)
     path = rows_path(args)
     if path:

@@ -3,7 +3,7 @@
 A table lives in the README between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; NAME is a
 key of :data:`TABLES`. Every ratio is MST over a named baseline on the same machine, shape and dtype.
 
-    python -m benchmarks.tables                  # rewrite the README's tables (and results/reach_h200.png)
+    python -m benchmarks.tables                  # rewrite the README's tables and the plots in results/
     python -m benchmarks.tables --check          # exit 1 if the README's tables differ from the rows
     python -m benchmarks.tables --merge cuda-results/rows.jsonl   # add a GPU run's rows (then rewrite)
 """
@@ -18,6 +18,8 @@ from benchmarks.common import ROOT, ROWS, read_rows, write_rows
 
 README = os.path.join(ROOT, "README.md")
 PLOT = os.path.join(ROOT, "benchmarks", "results", "reach_h200.png")
+CP_PLOT = os.path.join(ROOT, "benchmarks", "results", "context_parallel_cpu.png")
+CP_COMM_TYPES = ("a2a", "p2p", "a2a+p2p")
 DEVELOPERS_CPU = "AMD EPYC, 2 vCPU, 2 threads"
 XEON = "Intel(R) Xeon(R) Processor, 2 vCPU, 2 threads"
 H200 = "NVIDIA H200"
@@ -206,20 +208,31 @@ def flops_table(rows):
     return markdown(header, lines)
 
 
+def context_parallel_rows(rows) -> List[Dict]:
+    """The ``context_parallel_step`` rows by world size, then TP, then exchange (the single rank first)."""
+    chosen = [r for r in rows if r["benchmark"] == "context_parallel_step"]
+    return sorted(chosen, key=lambda r: (r["metrics"]["world"], r["metrics"]["tp"],
+                                         CP_COMM_TYPES.index(cp_comm_type(r["variant"]) or "a2a")))
+
+
+def cp_comm_type(variant: str) -> Optional[str]:
+    """The exchange a ``context_parallel_step`` variant names ("CP=4 p2p" -> "p2p"), None without CP."""
+    return next((w for w in variant.split() if w in CP_COMM_TYPES), None)
+
+
 def context_parallel_table(rows):
-    chosen = sorted((r for r in rows if r["benchmark"] == "context_parallel_step"),
-                    key=lambda r: (r["metrics"]["world"], r["metrics"]["tp"]))
+    chosen = context_parallel_rows(rows)
     single = next(r for r in chosen if r["metrics"]["world"] == 1)["metrics"]
     lines = []
     for r in chosen:
         m = r["metrics"]
         name = r["variant"] + (" + SP" if m["tp"] > 1 else "")
-        lines.append([name, size(m["peak_bytes"]), size(m["act_bytes"]), ratio(m["act_bytes"] / single["act_bytes"]),
-                      ratio(1 / m["world"]),
-                      f"{m['longest_seq']} ({m['longest_seq'] / single['longest_seq']:.2f}x)"])
+        act = m["act_bytes"] / single["act_bytes"]
+        lines.append([name, size(m["peak_bytes"]), size(m["act_bytes"]), ratio(act), ratio(1 / m["world"]),
+                      ratio(act * m["world"]), f"{m['longest_seq']} ({m['longest_seq'] / single['longest_seq']:.2f}x)"])
     seq = shape_field(chosen[0]["shape"], "S")
     return (markdown(["layout", f"per-rank peak at S={seq}", "act", "act / single rank's", "1/(TP x CP)",
-                      f"longest S in {size(single['budget_bytes'])} per rank"], lines)
+                      "act / (1/(TP x CP))", f"longest S in {size(single['budget_bytes'])} per rank"], lines)
             + "\n\n" + load_line(rows, chosen[0]["machine"], ["context_parallel_step"]))
 
 
@@ -262,12 +275,18 @@ def render(text: str, rows: List[Dict]) -> str:
     return MARKER.sub(table, text)
 
 
-def plot(rows: List[Dict], path: str = PLOT) -> None:
-    """Peak memory of a 32-layer Llama-3-8B step on the H200 against S: the SDPA baseline and MST."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(rows: List[Dict], path: str = PLOT) -> None:
+    """Peak memory of a 32-layer Llama-3-8B step on the H200 against S: the SDPA baseline and MST."""
+    plt = _pyplot()
 
     points = reach_points(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -288,6 +307,36 @@ def plot(rows: List[Dict], path: str = PLOT) -> None:
     ax.set_ylabel("peak GiB, one step (weights + grads, no optimizer)")
     ax.set_title("Llama-3-8B, bf16, full recompute, NVIDIA H200")
     ax.legend(loc="upper left", bbox_to_anchor=(0, 0.9), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_context_parallel(rows: List[Dict], path: str = CP_PLOT) -> None:
+    """The longest S in a fixed per-rank budget against the ranks per sequence (``context_parallel_step``):
+    one line per CP exchange, TP layouts as points, and the single rank's S times the rank count."""
+    plt = _pyplot()
+    chosen = context_parallel_rows(rows)
+    single = chosen[0]["metrics"]
+    worlds = sorted({r["metrics"]["world"] for r in chosen})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(worlds, [w * single["longest_seq"] for w in worlds], ":", color="grey", label="single rank's S x ranks")
+    for comm, marker in zip(CP_COMM_TYPES, "osD"):
+        line = [r["metrics"] for r in chosen
+                if r["metrics"]["world"] == 1 or (r["metrics"]["tp"] == 1 and cp_comm_type(r["variant"]) == comm)]
+        if len(line) > 1:
+            ax.plot([m["world"] for m in line], [m["longest_seq"] for m in line], marker + "-", label=f"CP {comm}")
+    for r in chosen:
+        if r["metrics"]["tp"] > 1:
+            ax.plot([r["metrics"]["world"]], [r["metrics"]["longest_seq"]], "^", ms=8, label=r["variant"] + " + SP")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(worlds, [str(w) for w in worlds])
+    ax.set_xlabel("ranks per sequence (TP x CP)")
+    ax.set_ylabel("longest sequence (tokens)")
+    ax.set_title(f"longest S in {size(single['budget_bytes'])} per rank ({short_shape(chosen[0]['shape'])}, fp32)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -314,7 +363,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(args.readme, "w") as f:
         f.write(new)
     plot(rows)
-    print(f"wrote {args.readme} and {PLOT}")
+    plot_context_parallel(rows)
+    print(f"wrote {args.readme}, {PLOT} and {CP_PLOT}")
     return 0
 
 

@@ -259,7 +259,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
 
 @contextlib.contextmanager
 def fake_world(rank: int, world_size: int, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1,
-               seed: int = 1234):
+               hierarchical_cp_sizes: Optional[List[int]] = None, seed: int = 1234):
     """megatron-core's parallel state for ``rank`` of a ``world_size`` layout on torch's ``fake``
     process group (collectives return the right shapes, no data), torn down on exit."""
     import torch.distributed as dist
@@ -277,6 +277,7 @@ def fake_world(rank: int, world_size: int, tp: int = 1, pp: int = 1, vpp: Option
     try:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                      virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+                                     hierarchical_context_parallel_sizes=hierarchical_cp_sizes,
                                      create_gloo_process_groups=False)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         yield
@@ -297,7 +298,8 @@ def fake_tensors():
 def simulate_rank(a, shape, rank: int) -> Dict:
     """One step of ``rank`` in ``a``'s layout (``a`` from :func:`checked_args`) on the fake process group."""
     with fake_world(rank, a.world_size, a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
-                    a.virtual_pipeline_model_parallel_size, a.context_parallel_size, a.seed):
+                    a.virtual_pipeline_model_parallel_size, a.context_parallel_size,
+                    a.hierarchical_context_parallel_sizes, a.seed):
         report = step_report(a, shape, fake=True)
     return dict(rank=rank, pipeline_stage=rank // (a.world_size // a.pipeline_model_parallel_size), **report)
 
@@ -315,7 +317,9 @@ def simulate(args, shape, seq_length: int) -> Dict:
 
 def _layout(a) -> Dict:
     return dict(world_size=a.world_size, tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size,
-                vpp=a.virtual_pipeline_model_parallel_size, cp=a.context_parallel_size, dp=a.data_parallel_size,
+                vpp=a.virtual_pipeline_model_parallel_size, cp=a.context_parallel_size,
+                cp_comm_type=a.cp_comm_type, hierarchical_cp_sizes=a.hierarchical_context_parallel_sizes,
+                dp=a.data_parallel_size,
                 sp=a.sequence_parallel, micro_batch_size=a.micro_batch_size, num_microbatches=a.num_microbatches,
                 recompute=a.recompute_granularity, mst=not a.no_mst, bf16=a.bf16,
                 distributed_optimizer=a.use_distributed_optimizer)

@@ -117,6 +117,7 @@ class _RingAttention(torch.autograd.Function):
                 out, lse = block_out.float(), block_lse.float().clone()
             else:
                 _merge(out, lse, rows, block_out.float(), block_lse.float())
+            del block_out, block_lse  # before the next block's kernel allocates its own
             if step < ring.size - 1:
                 wait()
                 kv = kv_next
@@ -150,6 +151,7 @@ class _RingAttention(torch.autograd.Function):
                 dkv = dkv_in
             dkv[0][:, :, cols] += bdk
             dkv[1][:, :, cols] += bdv
+            del bdq, bdk, bdv  # before the next block's kernel allocates its own
             dkv_in, dkv_wait = ring.shift(dkv)
             if step < ring.size - 1:
                 kv_wait()

@@ -380,6 +380,8 @@ def _transformer_config(args, shape):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
+        cp_comm_type=args.cp_comm_type,
+        hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes,
         sequence_parallel=args.sequence_parallel,
         bf16=args.bf16,
         hidden_dropout=args.hidden_dropout,
@@ -474,7 +476,8 @@ def run(p: RunInputs, start_time: float) -> None:
     stop = _StopRequests(deadline)  # from here on, SIGTERM means "save after the next step"
     _forks_die_with_this_process()
     init_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size,
-                  a.virtual_pipeline_model_parallel_size, seed=a.seed)
+                  a.virtual_pipeline_model_parallel_size, seed=a.seed,
+                  hierarchical_context_parallel_sizes=a.hierarchical_context_parallel_sizes)
     try:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.rerun_state_machine import initialize_rerun_state_machine

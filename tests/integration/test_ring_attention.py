@@ -82,3 +82,64 @@ def test_refusals():
         ring_attention(torch.zeros(7, 1, 2, 4), torch.zeros(7, 1, 2, 4), torch.zeros(7, 1, 2, 4), None)
     with pytest.raises(ValueError, match=r"query heads a multiple of key/value heads"):
         ring_attention(torch.zeros(8, 1, 3, 4), torch.zeros(8, 1, 2, 4), torch.zeros(8, 1, 2, 4), None)
+
+
+def order_body(out_dir, cp):
+    """Run one causal forward + backward with ``dist.isend``/``dist.irecv``, their requests' ``wait``
+    and the op's block kernels wrapped to log their calls in order; rank 0 writes the log."""
+    import torch.distributed as dist
+
+    from mst_megatron.ops import ring_attention as ring
+
+    dist.init_process_group("gloo")
+    log = []
+
+    class LoggedWork:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            log.append("wait")
+            return self.work.wait()
+
+    def logged(name, fn, returns_work=False):
+        def call(*args, **kwargs):
+            log.append(name)
+            result = fn(*args, **kwargs)
+            return LoggedWork(result) if returns_work else result
+
+        return call
+
+    originals = dist.isend, dist.irecv, ring._block_forward, ring._block_backward
+    dist.isend = logged("isend", originals[0], returns_work=True)
+    dist.irecv = logged("irecv", originals[1], returns_work=True)
+    ring._block_forward = logged("forward kernel", originals[2])
+    ring._block_backward = logged("backward kernel", originals[3])
+    try:
+        q, k, v = (torch.randn(4 * cp, 1, 2, 8, requires_grad=True) for _ in range(3))
+        out = ring.ring_attention(q, k, v, dist.group.WORLD)
+        forward_log = list(log)
+        out.sum().backward()
+    finally:
+        dist.isend, dist.irecv, ring._block_forward, ring._block_backward = originals
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "order.json"), "w") as f:
+            json.dump(dict(forward=forward_log, backward=log[len(forward_log):]), f)
+
+
+def test_next_shard_posted_before_current_block_is_computed(tmp_path):
+    """gloo's overlap: at every ring step the next K/V shard's ``isend``/``irecv`` (and in backward the
+    visiting shard's gradient's) are posted before this step's block kernel, and waited on after it."""
+    cp = 3
+    run_on_ranks(order_body, cp, str(tmp_path), cp, timeout=120)
+    with open(tmp_path / "order.json") as f:
+        order = json.load(f)
+    post, done = ["isend", "irecv"], ["wait", "wait"]
+    # forward step i < cp-1: post the next shard, compute this one, wait; the last step only computes
+    assert order["forward"] == (post + ["forward kernel"] + done) * (cp - 1) + ["forward kernel"]
+    # backward step i: post the next K/V shard (i < cp-1), compute, wait for the previous rank's partial
+    # gradient of the visiting shard (i > 0), post this shard's gradient onward, wait for the K/V
+    first = post + ["backward kernel"] + post + done
+    middle = post + ["backward kernel"] + done + post + done
+    last = ["backward kernel"] + done + post
+    assert order["backward"] == first + middle * (cp - 2) + last + done
