@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mst_megatron.layout import head_chunk_count
 from mst_megatron.ops.chunking import AUTO, ChunkCount, validate_chunk_count
-from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy
+from mst_megatron.ops.linear_cross_entropy import WeightGradSum, linear_cross_entropy
 
 __all__ = ["MiniSequenceLMHead", "check_head_options"]
 
@@ -35,9 +35,14 @@ class MiniSequenceLMHead(ColumnParallelLinear):
 
     ``mini_sequences``: int >= 1 or ``"auto"`` (:func:`mst_megatron.layout.head_chunk_count`), from
     shapes equal on every TP rank. Without labels: the stock layer, bit for bit.
+
+    With labels, when the weight has an fp32 ``main_grad`` (megatron DDP's gradient buffer), its
+    gradient is added straight into it, as megatron's gradient-accumulation fusion does
+    (:meth:`main_grad_sum`): no ``V/TP x h`` fp32 sum of the head's own.
     """
 
     mini_sequences: ChunkCount  # set by adopt()
+    _main_grad_sum: Optional[WeightGradSum]  # set by adopt(), reused while main_grad is the same
 
     @classmethod
     def adopt(cls, layer: ColumnParallelLinear, mini_sequences: ChunkCount = AUTO) -> "MiniSequenceLMHead":
@@ -50,6 +55,7 @@ class MiniSequenceLMHead(ColumnParallelLinear):
         mini_sequences = check_head_options(layer.config, mini_sequences)
         layer.__class__ = cls
         layer.mini_sequences = mini_sequences
+        layer._main_grad_sum = None
         return layer
 
     def num_chunks(self, local_tokens: int) -> int:
@@ -89,8 +95,27 @@ class MiniSequenceLMHead(ColumnParallelLinear):
             self.num_chunks(s_local * b),
             tp_group=self.tp_group,
             sequence_parallel=self.sequence_parallel,
+            weight_grad_sum=self.main_grad_sum(weight),
         )
         return loss.view(labels.shape[1], b).t().contiguous()
+
+    def main_grad_sum(self, weight: torch.Tensor) -> Optional[WeightGradSum]:
+        """Where the op adds ``weight``'s gradient: its ``main_grad`` when that is an fp32 buffer of
+        its shape (megatron DDP), else ``None`` (the op's own sum, returned as the gradient).
+
+        Megatron's convention for a gradient already in ``main_grad`` (``tensor_parallel/layers.py``,
+        gradient-accumulation fusion): backward returns a placeholder gradient, zeros when
+        ``zero_out_wgrad`` (a weight tied to the embedding on the same stage, whose own gradient is
+        added to it) else uninitialised, and sets ``grad_added_to_main_grad`` so that DDP's hook adds
+        nothing but the embedding's share and still marks the parameter ready. One object per
+        ``main_grad``, so its expected upstream value carries over micro-batches and steps.
+        """
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None or main_grad.dtype != torch.float32 or main_grad.shape != weight.shape:
+            return None
+        if self._main_grad_sum is None or self._main_grad_sum.buffer is not main_grad:
+            self._main_grad_sum = WeightGradSum(main_grad, returned_grad=lambda: _placeholder_grad(weight))
+        return self._main_grad_sum
 
     def _head_weight(self, weight: Optional[torch.Tensor]) -> torch.Tensor:
         """The weight to use: ``weight`` (tied embeddings) or the layer's own, as the stock forward."""
@@ -124,3 +149,13 @@ class MiniSequenceLMHead(ColumnParallelLinear):
                 f"labels must be token ids in [0, {self.output_size}) (the vocab size), got values in "
                 f"[{low}, {high}]"
             )
+
+
+def _placeholder_grad(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """What backward returns for a weight whose gradient is already in ``main_grad`` (see
+    :meth:`MiniSequenceLMHead.main_grad_sum`); ``None`` without DDP's ``grad_added_to_main_grad``."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.shape, dtype=weight.dtype, device=weight.device)

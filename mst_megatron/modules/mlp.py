@@ -119,7 +119,7 @@ def _check_config(config: TransformerConfig, is_expert: bool) -> None:
             "tp_comm_overlap=True cannot be combined with MiniSequenceMLP: Transformer Engine's "
             "overlap buffers are sized for the whole sequence; set tp_comm_overlap=False"
         )
-    if getattr(config, "fine_grained_activation_offloading", False):  # megatron-core >= 0.19
+    if config.fine_grained_activation_offloading:  # a field in megatron-core 0.16.1 and 0.19.2
         raise ValueError(
             "fine_grained_activation_offloading=True (megatron's CUDA-stream offload of module inputs) "
             "is not supported with the MST layer spec: its offload points were not verified against the "

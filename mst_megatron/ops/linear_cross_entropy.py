@@ -3,7 +3,8 @@ logits at a time, gradients formed in forward and scaled by the upstream gradien
 (stock's three logits GEMMs; docs/design.md#lm-head-and-cross-entropy). Pure torch + torch.distributed.
 """
 
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -11,7 +12,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from mst_megatron.ops.chunking import chunk_sizes
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["WeightGradSum", "linear_cross_entropy"]
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn); torch 2.6 has only the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -60,12 +61,56 @@ def _subtract_onehot_(probs: torch.Tensor, index, in_range: torch.Tensor) -> tor
     return probs.index_put_(index, in_range.to(probs.dtype).neg_(), accumulate=True)
 
 
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` (batched when 3-D) with ``acc`` in fp32 whatever the dtype of ``a`` and ``b``."""
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """``acc += alpha * a @ b`` (batched when 3-D) with ``acc`` in fp32 whatever the dtype of ``a`` and
+    ``b``."""
     if acc.dtype == a.dtype:
-        (acc.addmm_ if a.dim() == 2 else acc.baddbmm_)(a, b)
+        (acc.addmm_ if a.dim() == 2 else acc.baddbmm_)(a, b, alpha=alpha)
     else:
-        acc.add_(torch.matmul(a, b))
+        acc.add_(torch.matmul(a, b), alpha=alpha)
+
+
+@dataclass
+class WeightGradSum:
+    """A caller's fp32 accumulator that :func:`linear_cross_entropy` adds the weight gradient into,
+    instead of keeping its own ``[V_local, h]`` fp32 sum and returning it (e.g. a DDP ``main_grad``).
+
+    ``buffer``: fp32, contiguous, the weight's shape and device. After backward it holds what it held
+    before forward plus ``sum_i g_i a_i^T h_i`` (``g`` the upstream gradient): exact for any ``g``.
+    Forward already adds that sum scaled by ``expected_grad`` (the upstream value expected for most
+    tokens; 0 adds nothing), so a forward with gradients whose backward never runs leaves that partial
+    sum in ``buffer``. Backward adds ``(g_i - expected_grad) a_i^T h_i`` for the tokens whose ``g_i``
+    differs, recomputing their logits, then calls :meth:`observe` with the most common value of ``g``.
+    Logits-sized GEMMs per chunk: 3 when the expected value is right for all tokens (as without a
+    buffer), 2 + 2 when it is 0 (fewer when tokens have ``g_i = 0``), 3 + 2 when it is wrong.
+    ``returned_grad``: called once in backward; its result is returned as the weight's gradient (a
+    placeholder a framework's hooks expect, or ``None``: nothing reaches ``weight.grad``).
+    ``last_common_grad``: the most common upstream value of the last backward (``None`` before one).
+    """
+
+    buffer: torch.Tensor
+    expected_grad: float = 0.0
+    returned_grad: Callable[[], Optional[torch.Tensor]] = lambda: None
+    last_common_grad: Optional[float] = None
+
+    def observe(self, common_grad: float) -> None:
+        """After a backward whose most common upstream value was ``common_grad``: expect it in the next
+        forward when the backward before had it too (a mean loss over a fixed token count), else
+        expect 0, so that an upstream value that changes every micro-batch (a count of unmasked tokens
+        that varies) costs the 2 + 2 GEMMs, not 3 + 2."""
+        self.expected_grad = common_grad if common_grad == self.last_common_grad else 0.0
+        self.last_common_grad = common_grad
+
+    def check(self, weight: torch.Tensor) -> None:
+        """``ValueError`` unless ``buffer`` can take ``weight``'s gradient."""
+        buffer = self.buffer
+        if (buffer.dtype != torch.float32 or tuple(buffer.shape) != tuple(weight.shape)
+                or buffer.device != weight.device or not buffer.is_contiguous()):
+            raise ValueError(
+                f"weight_grad_sum.buffer must be a contiguous fp32 tensor of the weight's shape "
+                f"{tuple(weight.shape)} on {weight.device}, got {buffer.dtype} {tuple(buffer.shape)} "
+                f"on {buffer.device} (contiguous: {buffer.is_contiguous()})"
+            )
 
 
 def vocab_blocks(weight: torch.Tensor) -> int:
@@ -109,10 +154,12 @@ class _ChunkGemms:
         """``grad_logits W``: ``[c, h]``."""
         return torch.bmm(grad_logits, self.weight).sum(0)
 
-    def add_weight_grad(self, dw: torch.Tensor, grad_logits: torch.Tensor, hidden_c: torch.Tensor) -> None:
-        """``dw += grad_logits^T hidden_c`` (``dw`` fp32, ``[V_local, h]``)."""
+    def add_weight_grad(self, dw: torch.Tensor, grad_logits: torch.Tensor, hidden_c: torch.Tensor,
+                        scale: float = 1.0) -> None:
+        """``dw += scale * grad_logits^T hidden_c`` (``dw`` fp32 contiguous, ``[V_local, h]``)."""
         blocks = self.weight.shape[0]
-        _add_product(dw.view(self.weight.shape), grad_logits.transpose(1, 2), hidden_c.expand(blocks, *hidden_c.shape))
+        _add_product(dw.view(self.weight.shape), grad_logits.transpose(1, 2),
+                     hidden_c.expand(blocks, *hidden_c.shape), scale)
 
 
 def _chunk_softmax(logits, labels_c, vocab_start: int, tp_group):
@@ -135,13 +182,52 @@ def _chunk_softmax(logits, labels_c, vocab_start: int, tp_group):
     return probs, lse, lse - target, target_index
 
 
+def _most_common(g: torch.Tensor) -> torch.Tensor:
+    """The most frequent value of ``g`` (0-d tensor)."""
+    values, counts = torch.unique(g, return_counts=True)
+    return values[counts.argmax()]
+
+
+def _add_corrections(ctx, saved, dw: torch.Tensor, g: torch.Tensor, common) -> None:
+    """``dw += sum_{i: g_i != common} (g_i - common) a_i^T h_i``, recomputing those tokens' logits from
+    ``saved`` = forward's (hidden rows, weight, labels, log-sum-exps) (``dw`` fp32 ``[V_local, h]``,
+    ``g`` ``[blocks, rows]``)."""
+    hidden, weight, labels, lse = saved
+    differs = g != common  # the same on every TP rank, as g is: so are the gathers below
+    start = 0
+    for size in ctx.sizes:
+        end = start + size
+        rows = differs[:, start:end].reshape(-1).nonzero().squeeze(1)
+        if rows.numel():
+            hidden_r = _chunk_rows(hidden, start, end, ctx.tp_group, ctx.sequence_parallel)[rows]
+            lse_r = lse[:, start:end].reshape(-1)[rows]
+            g_r = g[:, start:end].reshape(-1)[rows]
+            probs = torch.mm(hidden_r, weight.t()).float().sub_(lse_r.unsqueeze(1)).exp_().unsqueeze(0)
+            labels_r = labels[:, start:end].reshape(-1)[rows]
+            grad_logits = _subtract_onehot_(probs, *_target_index(labels_r, ctx.vocab_start, probs.shape))[0]
+            grad_logits.mul_((g_r - common).unsqueeze(1))
+            _add_product(dw, grad_logits.to(hidden.dtype).t(), hidden_r)
+            del probs, grad_logits, hidden_r
+        start = end
+
+
+def _add_to_weight_grad_sum(ctx, saved, g: torch.Tensor) -> Optional[torch.Tensor]:
+    """Backward's part with a :class:`WeightGradSum`: forward added ``dw_scale x`` the weight gradient
+    to its buffer; add the tokens whose ``g`` differs, observe ``g``'s common value, return the placeholder."""
+    weight_grad_sum = ctx.weight_grad_sum
+    if not is_fake(g):  # fake tensors (simulation): counted as forward's guess right, no correction
+        _add_corrections(ctx, saved, ctx.grad_buffer, g, ctx.dw_scale)
+        weight_grad_sum.observe(_most_common(g).item())
+    return weight_grad_sum.returned_grad()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Chunked ``logsumexp(h W^T) - (h W^T)[label]``, gradients formed in forward. Under SP the per-token
     vectors are ``[tp_size, rows per rank]`` and a chunk is the same columns of every row."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, sizes: List[int], tp_group, sequence_parallel: bool,
-                with_grads: bool):
+                with_grads: bool, weight_grad_sum: Optional[WeightGradSum]):
         tp_rank, tp_size = _tp_rank_and_size(tp_group)
         vocab_start = weight.shape[0] * tp_rank
         blocks = tp_size if sequence_parallel else 1
@@ -152,8 +238,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
         # dh before g: complete under SP (reduce-scattered per chunk), else this rank's vocab-shard partial.
         dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
-        # dW sums over chunks in fp32, so 16-bit heads do not lose small per-chunk terms.
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        # dW sums over chunks in fp32, so 16-bit heads do not lose small per-chunk terms: in the
+        # caller's buffer, scaled by the expected upstream gradient (fake tensors: counted as 1), or in
+        # its own and scaled in backward.
+        dw, dw_scale = None, 1.0
+        if need_dw and weight_grad_sum is not None:
+            dw_scale = 1.0 if is_fake(hidden) else weight_grad_sum.expected_grad
+            dw = weight_grad_sum.buffer if dw_scale != 0.0 else None
+        elif need_dw:
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
         gemms = _ChunkGemms(blocks * max(sizes), weight, vocab_blocks(weight))
         start = 0
@@ -164,18 +257,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs, lse_c, loss_c, target_index = _chunk_softmax(gemms.logits(hidden_c), labels_c, vocab_start, tp_group)
             lse[:, start:end] = lse_c.view(blocks, -1)
             loss[:, start:end] = loss_c.view(blocks, -1)
-            if need_dh or need_dw:
+            if need_dh or dw is not None:
                 grad_logits = gemms.as_input_dtype(_subtract_onehot_(probs, *target_index))
                 if need_dh and sequence_parallel:
                     dh[start:end] = _sum_to_own_rows(gemms.hidden_grad(grad_logits), tp_group)
                 elif need_dh:
                     dh[start:end] = gemms.hidden_grad(grad_logits)
-                if need_dw:
-                    gemms.add_weight_grad(dw, grad_logits, hidden_c)
+                if dw is not None:
+                    gemms.add_weight_grad(dw, grad_logits, hidden_c, dw_scale)
             del hidden_c  # under SP a gathered chunk: freed before the next gather
             start = end
 
         # Only this rank's rows of hidden are kept: the correction in backward gathers a chunk again.
+        ctx.weight_grad_sum = weight_grad_sum if need_dw else None
+        if ctx.weight_grad_sum is not None:  # the caller's buffer is not saved: backward adds to it
+            ctx.grad_buffer, ctx.dw_scale, dw = weight_grad_sum.buffer, dw_scale, None
         ctx.save_for_backward(hidden, weight, labels, lse, dh, dw)
         ctx.sizes = sizes
         ctx.vocab_start = vocab_start
@@ -194,32 +290,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g = grad_loss.float().view(lse.shape)
         if dh is not None:  # row i times g_i, computed in fp32 and rounded once to dh's dtype
             dh.mul_(g[ctx.tp_rank if ctx.sequence_parallel else 0].unsqueeze(1))
+        if ctx.weight_grad_sum is not None:
+            return dh, _add_to_weight_grad_sum(ctx, (hidden, weight, labels, lse), g), None, None, None, None, None, None
         if dw is not None and is_fake(g):
             # Fake tensors (simulation) have no values: counted as a uniform g (a mean loss), no correction.
             dw = dw.mul_(g.reshape(-1)[0]).to(weight.dtype)
         elif dw is not None:
-            values, counts = torch.unique(g, return_counts=True)
-            common = values[counts.argmax()]
+            common = _most_common(g)
             dw.mul_(common)
-            differs = g != common  # the same on every TP rank, as g is: so are the gathers below
-            start = 0
-            for size in ctx.sizes:
-                end = start + size
-                rows = differs[:, start:end].reshape(-1).nonzero().squeeze(1)
-                if rows.numel():
-                    hidden_r = _chunk_rows(hidden, start, end, ctx.tp_group, ctx.sequence_parallel)[rows]
-                    lse_r = lse[:, start:end].reshape(-1)[rows]
-                    g_r = g[:, start:end].reshape(-1)[rows]
-                    probs = torch.mm(hidden_r, weight.t()).float().sub_(lse_r.unsqueeze(1)).exp_().unsqueeze(0)
-                    labels_r = labels[:, start:end].reshape(-1)[rows]
-                    grad_logits = _subtract_onehot_(probs, *_target_index(labels_r, ctx.vocab_start, probs.shape))[0]
-                    grad_logits.mul_((g_r - common).unsqueeze(1))
-                    _add_product(dw, grad_logits.to(hidden.dtype).t(), hidden_r)
-                    del probs, grad_logits, hidden_r
-                start = end
+            _add_corrections(ctx, (hidden, weight, labels, lse), dw, g, common)
             # dW is returned once, never also written to weight.grad.
             dw = dw.to(weight.dtype)
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -229,6 +311,7 @@ def linear_cross_entropy(
     num_chunks: int,
     tp_group: Optional["dist.ProcessGroup"] = None,
     sequence_parallel: bool = False,
+    weight_grad_sum: Optional[WeightGradSum] = None,
 ) -> torch.Tensor:
     """Per-token loss ``[T]`` fp32: logsumexp over the global vocab minus the target logit.
 
@@ -241,7 +324,14 @@ def linear_cross_entropy(
 
     ``sequence_parallel=True``: ``hidden`` is this rank's ``[T_local, h]`` of tokens sharded rank after
     rank; labels and loss cover all ``T = tp_size * T_local``; ``num_chunks`` splits the shard; ``dh``
-    comes back complete. Bad shapes, dtypes or arguments raise ``ValueError`` / ``TypeError``.
+    comes back complete.
+
+    ``weight_grad_sum``: a :class:`WeightGradSum` whose fp32 buffer receives the weight gradient (added
+    in forward and corrected in backward, see there); backward then returns its ``returned_grad()`` as
+    the weight's gradient and no ``[V_local, h]`` fp32 sum of the op's own exists. ``None``: the op
+    keeps that sum from forward to backward and returns it in the weight's dtype.
+
+    Bad shapes, dtypes or arguments raise ``ValueError`` / ``TypeError``.
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [T, h], got shape {tuple(hidden.shape)}")
@@ -268,6 +358,10 @@ def linear_cross_entropy(
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int):
         raise TypeError(f"num_chunks must be an int, got {num_chunks!r}")
+    if weight_grad_sum is not None:
+        if not isinstance(weight_grad_sum, WeightGradSum):
+            raise TypeError(f"weight_grad_sum must be a WeightGradSum or None, got {weight_grad_sum!r}")
+        weight_grad_sum.check(weight)
     sizes = chunk_sizes(hidden.shape[0], num_chunks)
     return _LinearCrossEntropy.apply(hidden, weight, labels, sizes, tp_group, sequence_parallel,
-                                     torch.is_grad_enabled())
+                                     torch.is_grad_enabled(), weight_grad_sum)

@@ -5,6 +5,7 @@ state dict (strict), so they differ only in how the loss is computed. Spawned ra
 (megatron import), so each test loops over many cases inside one spawned body.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -50,10 +51,11 @@ def build_pair(config, tied, mini_sequences):
     return stock, mst
 
 
-def ddp(config, model):
+def ddp(config, model, overlap_grad_reduce=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    return DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce)
+    return DistributedDataParallel(config, ddp_config, model)
 
 
 def train_step(model, tokens, positions, labels, weights):
@@ -86,6 +88,63 @@ def compare_training(case, config, tied, mini_sequences, loss_tol=LOSS_TOL, grad
     for name, ref in ref_grads.items():
         # A doubled or missing head/embedding gradient would show here (off by 100%).
         assert_close(case, f"main_grad of {name}", grads[name], ref, grad_tol)
+
+
+def accumulate_two_steps(model):
+    """Two steps of three micro-batches (mean, mean, weighted loss) into DDP's main_grad with
+    overlapped gradient reduction; after each step (its losses, every main_grad by name)."""
+    results = []
+    for step in range(2):
+        model.zero_grad_buffer()
+        losses = []
+        for micro in range(3):
+            tokens, positions, labels, weights = batch(seed=10 * step + micro)
+            if micro < 2:
+                weights = torch.ones_like(weights)
+            with model.no_sync() if micro < 2 else contextlib.nullcontext():
+                loss = model(tokens, positions, None, labels=labels)
+                ((loss.float() * weights).sum() / weights.sum()).backward()
+            losses.append(loss.detach())
+        model.finish_grad_sync()
+        results.append((losses, {n: p.main_grad.clone() for n, p in model.module.named_parameters()}))
+    return results
+
+
+def check_accumulation_into_main_grad(case, config, tied, bf16_config=None):
+    """Gradient accumulation over micro-batches and steps (:func:`accumulate_two_steps`), MST vs stock.
+    MST's head adds into main_grad (forward's expected upstream value 0, right, then wrong for the
+    weighted loss) and hands DDP's hook a placeholder: a gradient added twice or lost, or a hook not
+    fired (DDP's finish_grad_sync raises), would show. fp32: MST within 1e-4 of stock. With
+    ``bf16_config``: both models in bf16 from the fp32 pair's weights, every MST main_grad no further
+    from the fp32 one than twice stock's bf16 error plus one bf16 unit (2^-8 of its max)."""
+    stock, mst = build_pair(config, tied, 7)
+    runs = {"stock": stock, "mst": mst}
+    if bf16_config is not None:
+        stock16, mst16 = build_pair(bf16_config, tied, 7)
+        for model in (stock16, mst16):
+            model.load_state_dict(stock.state_dict())
+        runs.update(stock16=stock16, mst16=mst16)
+    mst_heads = [m.shared_embedding_or_output_weight() if tied else m.output_layer.weight
+                 for name, m in runs.items() if name.startswith("mst")]
+    results = {name: accumulate_two_steps(ddp(model.config, model, overlap_grad_reduce=True))
+               for name, model in runs.items()}
+    for step in range(2):
+        at = f"{case} step {step}"
+        (ref_losses, ref_grads), (losses, grads) = results["stock"][step], results["mst"][step]
+        for i in range(3):
+            assert_close(at, f"loss of micro-batch {i}", losses[i], ref_losses[i], LOSS_TOL)
+        for name, ref in ref_grads.items():
+            assert_close(at, f"main_grad of {name}", grads[name], ref, GRAD_TOL)
+        if bf16_config is None:
+            continue
+        (stock_losses, stock_grads), (mst_losses, mst_grads) = results["stock16"][step], results["mst16"][step]
+        for i in range(3):
+            assert_close(at, f"bf16 loss of micro-batch {i}", mst_losses[i], stock_losses[i], BF16_LOSS_TOL)
+        for name, truth in ref_grads.items():
+            limit = 2 * rel_err(stock_grads[name], truth) + 2**-8
+            assert rel_err(mst_grads[name], truth) <= limit, f"{at}: bf16 main_grad of {name}"
+    for weight in mst_heads:
+        assert weight.grad is None and weight.grad_added_to_main_grad, case
 
 
 def check_one_chunk_of_logits(config, mini_sequences):
@@ -159,6 +218,8 @@ def _one_rank_body():
         check_checkpoint_keys(config, tied)
     bf16 = tiny_config(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     compare_training("TP=1 bf16 M=7", bf16, True, 7, BF16_LOSS_TOL, BF16_GRAD_TOL)
+    for tied in (False, True):
+        check_accumulation_into_main_grad(f"TP=1 accumulation tied={tied}", config, tied, bf16)
     check_one_chunk_of_logits(config, 7)
     check_bad_labels(config)
 
@@ -226,6 +287,8 @@ def _tensor_parallel_body():
         for m in (*MINI_SEQUENCES, "auto"):
             compare_training(f"TP=2 tied={tied} M={m}", config, tied, m)
         check_logits_paths_unchanged(config, tied)
+        bf16 = tiny_config(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+        check_accumulation_into_main_grad(f"TP=2 accumulation tied={tied}", config, tied, bf16)
     # Labels with runtime_gather_output: MST keeps the vocab-parallel loss; stock's gathered logits
     # give loss + log(TP) (megatron issue 7452).
     stock, mst = build_pair(config, False, 7)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from mst_megatron.ops.linear_cross_entropy import linear_cross_entropy, vocab_blocks
+from mst_megatron.ops.linear_cross_entropy import WeightGradSum, linear_cross_entropy, vocab_blocks
 from tests.helpers import OpLog, rel_err
 from tests.helpers.cross_entropy import GRADIENT_KINDS, make_inputs, reference, run_op, upstream_gradient
 
@@ -122,6 +122,83 @@ def test_weight_gradient_once_and_a_second_backward_refused():
         loss.backward(grad_out)
 
 
+# Micro-batches into one buffer: (upstream gradient kind, its seed, the value forward is expected to
+# assume). None guessed yet (0: no dW GEMM in forward, every token with g != 0 in backward); a mean
+# twice, then right (nothing in backward); a masked mean with another token count (wrong for all),
+# then twice more with the same mask (0: only the kept tokens; then right but for the masked ones);
+# random weights (wrong); mostly masked after it (0, the common value of both: the kept tokens only).
+MICRO_BATCHES = (
+    ("mean", 0, "none"), ("mean", 0, "none"), ("mean", 0, "mean"), ("masked mean", 1, "mean"),
+    ("masked mean", 1, "none"), ("masked mean", 1, "masked mean"), ("random", 2, "masked mean"),
+    ("mostly masked", 3, "none"),
+)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 7])
+def test_weight_grad_sum_adds_each_micro_batch_exactly(num_chunks):
+    """A WeightGradSum buffer that already holds a gradient gets each micro-batch's fp64-reference dW
+    added (fp32: <= 1e-4 of it), whatever the upstream gradient and forward's expected value; dh is
+    unchanged, nothing reaches ``weight.grad``; the expected value is the common upstream value of the
+    last two backwards when they agree, else 0; the GEMMs are forward's three per chunk (two when the
+    expected value is 0) plus the logits and dW GEMMs of each chunk with tokens that differ from it."""
+    T, V, h = T_FP32, 50, 16
+    _, weight, labels, _ = make_inputs(T, V, h)
+    before = torch.randn(V, h, generator=torch.Generator().manual_seed(5)) * 0.05
+    weight_grad_sum = WeightGradSum(before.clone())
+    added = torch.zeros(V, h, dtype=torch.float64)
+    sizes = [c.numel() for c in torch.arange(T).tensor_split(num_chunks)]
+    common = {"none": 0.0, "mean": upstream_gradient("mean", T).max().item(),
+              "masked mean": upstream_gradient("masked mean", T, seed=1).max().item()}  # fp32 values
+    for i, (kind, seed, expected_kind) in enumerate(MICRO_BATCHES):
+        hidden = make_inputs(T, V, h, seed=i + 1)[0]
+        grad_out = upstream_gradient(kind, T, seed=seed)
+        expected = weight_grad_sum.expected_grad
+        case = f"micro-batch {i} ({kind}), expected {expected:.4g}"
+        assert expected == common[expected_kind], case
+        differing_chunks = sum(bool((c != expected).any()) for c in grad_out.split(sizes))
+        h_, w_ = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with OpLog() as ops:
+            linear_cross_entropy(h_, w_, labels, num_chunks, weight_grad_sum=weight_grad_sum).backward(grad_out)
+        _, ref_dh, ref_dw = reference(hidden, weight, labels, grad_out)
+        added += ref_dw
+        assert w_.grad is None, case
+        assert rel_err(h_.grad, ref_dh) <= 1e-4, case
+        assert rel_err(weight_grad_sum.buffer.double() - before, added) <= 1e-4, case
+        assert ops.count == num_chunks * (3 if expected != 0 else 2) + 2 * differing_chunks, case
+    assert weight_grad_sum.expected_grad == 0.0  # "mostly masked" and "random" share the common value 0
+    # The tokens the last two corrected: the kept ones only (mostly masked), every one (random).
+    assert 0 < (upstream_gradient("mostly masked", T, seed=3) != 0).sum() < T
+
+
+def test_weight_grad_sum_bf16_as_close_as_the_own_sum():
+    """bf16 weights, fp32 buffer: dW as close to the fp64 reference as the op's own fp32 sum, rounded
+    to bf16, is (the buffer keeps fp32: no bf16 rounding of the total)."""
+    hidden, weight, labels, grad_out = make_inputs(37, 64, 32, dtype=torch.bfloat16)
+    _, _, ref_dw = reference(hidden, weight, labels, grad_out)
+    own_err = rel_err(run_op(hidden, weight, labels, grad_out, 5)[2], ref_dw)
+    for expected in (0.0, float(grad_out.mean())):  # all tokens in backward / all corrected from a guess
+        weight_grad_sum = WeightGradSum(torch.zeros(weight.shape), expected_grad=expected)
+        linear_cross_entropy(hidden.clone().requires_grad_(), weight.clone().requires_grad_(), labels, 5,
+                             weight_grad_sum=weight_grad_sum).backward(grad_out)
+        assert rel_err(weight_grad_sum.buffer, ref_dw) <= own_err + 2**-9, expected
+
+
+def test_weight_grad_sum_returned_grad_and_checks():
+    """Backward returns ``returned_grad()`` as the weight's gradient; a buffer that cannot take the
+    weight's gradient, or another type, is refused naming the argument."""
+    hidden, weight, labels, grad_out = make_inputs(19, 24, 8)
+    placeholder = torch.zeros_like(weight)
+    w = weight.clone().requires_grad_()
+    weight_grad_sum = WeightGradSum(torch.zeros(weight.shape), returned_grad=lambda: placeholder)
+    linear_cross_entropy(hidden, w, labels, 3, weight_grad_sum=weight_grad_sum).backward(grad_out)
+    assert torch.equal(w.grad, placeholder)
+    for buffer in (torch.zeros(24, 8, dtype=torch.float64), torch.zeros(8, 24), torch.zeros(8, 24).t()):
+        with pytest.raises(ValueError, match="weight_grad_sum.buffer must be a contiguous fp32 tensor"):
+            linear_cross_entropy(hidden, w, labels, 3, weight_grad_sum=WeightGradSum(buffer))
+    with pytest.raises(TypeError, match="weight_grad_sum must be a WeightGradSum"):
+        linear_cross_entropy(hidden, w, labels, 3, weight_grad_sum=torch.zeros(24, 8))
+
+
 def _bad(hidden=(4, 2), weight=(5, 2), labels=(4,), num_chunks=1, hidden_dtype=torch.float32,
          weight_dtype=torch.float32, labels_dtype=torch.long):
     """Arguments that are valid except where overridden."""
@@ -210,3 +287,9 @@ def test_fake_tensors_shapes_without_host_reads(dtype):
         assert loss.shape == (37,) and loss.dtype == torch.float32
         assert hidden.grad.shape == hidden.shape and hidden.grad.dtype == dtype
         assert weight.grad.shape == weight.shape and weight.grad.dtype == dtype
+        # Into a caller's buffer: forward's dW GEMMs counted (as for a right expected value).
+        weight_grad_sum = WeightGradSum(torch.zeros(weight.shape), returned_grad=lambda: None)
+        weight.grad = None
+        with OpLog() as ops:
+            linear_cross_entropy(hidden, weight, labels, 4, weight_grad_sum=weight_grad_sum).mean().backward()
+        assert ops.count == 3 * 4 and weight.grad is None
