@@ -10,7 +10,7 @@ from tests.helpers import rel_err
 pytestmark = pytest.mark.usefixtures("one_rank")
 
 H, V, S, B = 512, 32000, 256, 1  # a Llama-shaped head small enough to run in seconds
-BF16_ROUNDING = 2.0**-8  # one bf16 rounding of a sum (unit roundoff 2^-9), with margin
+BF16_ROUNDING = 2.0**-8  # one bf16 rounding, as a max error relative to the largest entry (rel_err)
 
 
 def own_sum(monkeypatch):
@@ -77,7 +77,7 @@ def test_weight_gradient_into_main_grad_without_the_heads_own_sum(monkeypatch):
         print(f"\nhead h={H} V={V} T={S * B} bf16, peak above the floor ({format_bytes(floor)}): own fp32 "
               f"sum {format_bytes(own_above)}, into main_grad (expected {expected:g}) {format_bytes(above)}, "
               f"saved {format_bytes(own_above - above)} (V x h x 4 = {format_bytes(sum_bytes)})")
-        assert own_above - above >= sum_bytes, expected
+        assert own_above - above >= sum_bytes - (2**17 if expected == 0 else 0), expected
         assert weight.grad is None and weight.grad_added_to_main_grad
         assert torch.equal(dh, own_dh)
         if expected:  # the same fp32 sum of chunk products, scaled exactly by 1/T
@@ -86,12 +86,42 @@ def test_weight_gradient_into_main_grad_without_the_heads_own_sum(monkeypatch):
             assert rel_err(grad, own_grad) <= BF16_ROUNDING
 
 
+def head_weight_grad_reference(model, run, labels, upstream, tied):
+    """``run()``'s head-weight gradient in fp64 from what the head (and, tied, the embedding) saw: the
+    head's bf16 input and weight with the fp64 loss gradient, plus the embedding's output gradient
+    scattered to its tokens (tied)."""
+    from tests.helpers.cross_entropy import reference
+
+    seen = {}
+    module = model.module
+    hooks = [module.output_layer.register_forward_pre_hook(lambda m, args: seen.update(head_input=args[0]))]
+    if tied:
+        def keep_output_grad(m, args, output):
+            seen["tokens"] = args[0]
+            output.register_hook(lambda grad: seen.update(embedding_grad=grad))
+        hooks.append(module.embedding.word_embeddings.register_forward_hook(keep_output_grad))
+    run()
+    for hook in hooks:
+        hook.remove()
+    x = seen["head_input"]  # [s, b, h]: token (i, j) is position i of sequence j
+    weight = module.shared_embedding_or_output_weight() if tied else module.output_layer.weight
+    dw = reference(x.reshape(-1, x.shape[-1]), weight, labels.t().reshape(-1), upstream.t().reshape(-1))[2]
+    if tied:  # the embedding's output [b, s, h] is its weight's rows at the tokens
+        grad = seen["embedding_grad"].double()
+        dw.index_add_(0, seen["tokens"].reshape(-1), grad.reshape(-1, grad.shape[-1]))
+    return dw
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_bf16_gpt_into_main_grad_matches_the_own_sum(tied, monkeypatch):
     """A bf16 GPT under DDP (fp32 main_grad), loss-masked mean: into main_grad vs the head's own sum,
     three steps (the head's expected upstream value 0, 0, then the mean's, right but for the masked
-    tokens): every main_grad but the head weight's bit-equal, the head weight's (tied: with the
-    embedding's gradient in the same buffer) within one bf16 rounding; the loss bit-equal."""
+    tokens): the loss and every main_grad but the head weight's bit-equal; the head weight's (tied:
+    with the embedding's gradient in the same buffer) within two bf16 roundings (max error relative
+    to the largest entry, 2^-7) of the own sum's, and no farther from its fp64 value than the own
+    sum's is plus half a rounding. Both are bf16 computations (logits, softmax gradient and each chunk's
+    product rounded to bf16) whose error to fp64 is about 2^-8; the own sum also rounds the total
+    (tied: adds it to the embedding's gradient in bf16)."""
     from tests.helpers.models import mst_head_gpt, tiny_config
 
     vocab, s, b = 256, 29, 3
@@ -109,21 +139,29 @@ def test_bf16_gpt_into_main_grad_matches_the_own_sum(tied, monkeypatch):
     for step in range(3):
         results = []
         for way, model in zip(("own sum", "into main_grad"), models):
-            with monkeypatch.context() as patch:
-                if way == "own sum":
-                    own_sum(patch)
+            def run():
                 model.zero_grad_buffer()
                 loss = model(tokens, positions, None, labels=labels)
                 ((loss * mask).sum() / mask.sum()).backward()
-            results.append((loss.detach(), {n: p.main_grad.clone() for n, p in model.module.named_parameters()}))
-        (own_loss, own_grads), (loss, grads) = results
+                return loss
+
+            with monkeypatch.context() as patch:
+                if way == "own sum":
+                    own_sum(patch)
+                ref = head_weight_grad_reference(model, lambda: results.append(run().detach()), labels,
+                                                 mask.double() / mask.sum(), tied)
+            results.append({n: p.main_grad.clone() for n, p in model.module.named_parameters()})
+        own_loss, own_grads, loss, grads = results
         case = f"tied={tied} step {step}"
         assert head.grad_added_to_main_grad and head.grad is None, case
         assert torch.equal(loss, own_loss), case
         assert grads.keys() == own_grads.keys() and head_name in grads
         for name, own in own_grads.items():
-            if name == head_name:
-                assert rel_err(grads[name], own) <= BF16_ROUNDING, f"{case}: {name}"
-            else:
+            if name != head_name:
                 assert torch.equal(grads[name], own), f"{case}: {name}"
-    assert models[1].module.output_layer.main_grad_sum(head).expected_grad == 1.0 / mask.sum().item()
+        into, own = grads[head_name], own_grads[head_name]
+        errors = rel_err(into, ref), rel_err(own, ref)
+        print(f"\n{case}: {head_name} max rel. error to fp64: into main_grad {errors[0]:.3g}, own sum "
+              f"{errors[1]:.3g}; into main_grad vs own sum {rel_err(into, own):.3g}")
+        assert errors[0] <= errors[1] + 2.0**-9 and rel_err(into, own) <= 2 * BF16_ROUNDING, case
+    assert models[1].module.output_layer.main_grad_sum(head).expected_grad == (1 / mask.sum()).item()
