@@ -34,7 +34,8 @@ def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: 
               vp_stage: Optional[int] = None):
     """The model provider: one model chunk, stock megatron-core when ``mst`` is None.
 
-    ``mst`` (:func:`mst_options`) holds ``MSTGPTModel``'s options. Both models have the same
+    ``mst`` (:func:`mst_options`) holds ``MSTGPTModel``'s options (``offload_layer_inputs`` may be
+    left out: off). Both models have the same
     parameters and state-dict keys, so checkpoints move freely between them.
     """
     common = dict(
@@ -60,7 +61,7 @@ def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: 
 
     block_spec = get_gpt_mst_block_spec(config, mst["mlp_mini_sequences"], vp_stage=vp_stage)
     return MSTGPTModel(transformer_layer_spec=block_spec, lm_head_mini_sequences=mst["lm_head_mini_sequences"],
-                       offload_layer_inputs=mst["offload_layer_inputs"], **common)
+                       offload_layer_inputs=mst.get("offload_layer_inputs", False), **common)
 
 
 def mst_options(args) -> Optional[dict]:
