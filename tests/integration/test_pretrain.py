@@ -282,13 +282,15 @@ def test_ring_context_parallel_trains_like_tensor_parallel(corpus, uninterrupted
 
 
 def test_layer_input_offload_trains_like_tensor_parallel(corpus, uninterrupted):
-    """Run J: PP=2 (two micro-batches in flight on the first stage) under full recompute with
-    ``--offload-layer-inputs`` from scratch: step by step the losses of run A (TP=2)."""
-    out, steps, _ = _train(corpus, "--pipeline-model-parallel-size", "2", "--offload-layer-inputs",
+    """Run J: A's TP=2 checkpoint at 4 resumed at PP=2 (two micro-batches in flight on the first
+    stage) under full recompute with ``--offload-layer-inputs``: steps 5..8 repeat A's. (From scratch
+    a PP=2 run initialises its stages with other seeds than A's TP=2 run.)"""
+    out, steps, _ = _train(corpus, "--load", uninterrupted["save"], "--ckpt-step", "4",
+                           "--pipeline-model-parallel-size", "2", "--offload-layer-inputs",
                            "--recompute-granularity", "full", "--recompute-method", "uniform",
                            "--recompute-num-layers", "1", tp=1)
     assert "TP=1 PP=2 CP=1 DP=1" in out
-    assert sorted(steps) == list(range(1, 9))
+    assert sorted(steps) == [5, 6, 7, 8]
     for i, loss in steps.items():
         assert rel_err(loss, uninterrupted["steps"][i]) <= 1e-5, (i, loss, uninterrupted["steps"][i])
 
