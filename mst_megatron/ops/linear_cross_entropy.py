@@ -182,23 +182,30 @@ def _chunk_softmax(logits, labels_c, vocab_start: int, tp_group):
     return probs, lse, lse - target, target_index
 
 
+_FAKE_MEAN_GRAD = 1.0  # under fake tensors, the stand-in for a mean loss's upstream value
+
+
 def _most_common(g: torch.Tensor) -> torch.Tensor:
     """The most frequent value of ``g`` (0-d tensor)."""
     values, counts = torch.unique(g, return_counts=True)
     return values[counts.argmax()]
 
 
-def _add_corrections(ctx, saved, dw: torch.Tensor, g: torch.Tensor, common) -> None:
+def _add_corrections(ctx, saved, dw: torch.Tensor, g: torch.Tensor, common, every_token: bool = False) -> None:
     """``dw += sum_{i: g_i != common} (g_i - common) a_i^T h_i``, recomputing those tokens' logits from
     ``saved`` = forward's (hidden rows, weight, labels, log-sum-exps) (``dw`` fp32 ``[V_local, h]``,
-    ``g`` ``[blocks, rows]``)."""
+    ``g`` ``[blocks, rows]``). ``every_token``: take every token as differing, without reading ``g``
+    (fake tensors)."""
     hidden, weight, labels, lse = saved
-    differs = g != common  # the same on every TP rank, as g is: so are the gathers below
+    differs = None if every_token else g != common  # the same on every TP rank, as g is: so are the gathers
     start = 0
     for size in ctx.sizes:
         end = start + size
-        rows = differs[:, start:end].reshape(-1).nonzero().squeeze(1)
-        if rows.numel():
+        if every_token:
+            rows = torch.arange(labels[:, start:end].numel(), device=g.device)
+        else:
+            rows = differs[:, start:end].reshape(-1).nonzero().squeeze(1)
+        if every_token or rows.numel():
             hidden_r = _chunk_rows(hidden, start, end, ctx.tp_group, ctx.sequence_parallel)[rows]
             lse_r = lse[:, start:end].reshape(-1)[rows]
             g_r = g[:, start:end].reshape(-1)[rows]
@@ -215,7 +222,11 @@ def _add_to_weight_grad_sum(ctx, saved, g: torch.Tensor) -> Optional[torch.Tenso
     """Backward's part with a :class:`WeightGradSum`: forward added ``dw_scale x`` the weight gradient
     to its buffer; add the tokens whose ``g`` differs, observe ``g``'s common value, return the placeholder."""
     weight_grad_sum = ctx.weight_grad_sum
-    if not is_fake(g):  # fake tensors (simulation): counted as forward's guess right, no correction
+    if is_fake(g):  # no values (simulation): a mean loss, whose one value repeats every backward
+        if ctx.dw_scale == 0.0:  # nothing expected: every token's term is added here, as for real
+            _add_corrections(ctx, saved, ctx.grad_buffer, g, 0.0, every_token=True)
+        weight_grad_sum.observe(_FAKE_MEAN_GRAD)
+    else:
         _add_corrections(ctx, saved, ctx.grad_buffer, g, ctx.dw_scale)
         weight_grad_sum.observe(_most_common(g).item())
     return weight_grad_sum.returned_grad()
@@ -239,11 +250,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # dh before g: complete under SP (reduce-scattered per chunk), else this rank's vocab-shard partial.
         dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
         # dW sums over chunks in fp32, so 16-bit heads do not lose small per-chunk terms: in the
-        # caller's buffer, scaled by the expected upstream gradient (fake tensors: counted as 1), or in
+        # caller's buffer, scaled by the expected upstream gradient, or in
         # its own and scaled in backward.
         dw, dw_scale = None, 1.0
         if need_dw and weight_grad_sum is not None:
-            dw_scale = 1.0 if is_fake(hidden) else weight_grad_sum.expected_grad
+            dw_scale = weight_grad_sum.expected_grad
             dw = weight_grad_sum.buffer if dw_scale != 0.0 else None
         elif need_dw:
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)

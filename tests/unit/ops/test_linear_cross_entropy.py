@@ -287,9 +287,23 @@ def test_fake_tensors_shapes_without_host_reads(dtype):
         assert loss.shape == (37,) and loss.dtype == torch.float32
         assert hidden.grad.shape == hidden.shape and hidden.grad.dtype == dtype
         assert weight.grad.shape == weight.shape and weight.grad.dtype == dtype
-        # Into a caller's buffer: forward's dW GEMMs counted (as for a right expected value).
-        weight_grad_sum = WeightGradSum(torch.zeros(weight.shape), returned_grad=lambda: None)
+        # Into a caller's buffer: the GEMMs a mean loss costs on real tensors, call by call (2 + 2 per
+        # chunk until two backwards had the same value, then 3), so the simulator counts the real step's.
         weight.grad = None
+        fake_counts = _buffer_gemm_counts(hidden, weight, labels)
+        assert weight.grad is None
+    real_counts = _buffer_gemm_counts(torch.randn(37, 16, dtype=dtype, requires_grad=True),
+                                      torch.randn(96, 16, dtype=dtype, requires_grad=True),
+                                      torch.zeros(37, dtype=torch.long))
+    assert fake_counts == real_counts == [4 * 4, 4 * 4, 3 * 4]
+
+
+def _buffer_gemm_counts(hidden, weight, labels, calls=3):
+    """Logits-sized GEMMs of each of ``calls`` mean-loss steps into one WeightGradSum (4 chunks)."""
+    weight_grad_sum = WeightGradSum(torch.zeros(weight.shape), returned_grad=lambda: None)
+    counts = []
+    for _ in range(calls):
         with OpLog() as ops:
             linear_cross_entropy(hidden, weight, labels, 4, weight_grad_sum=weight_grad_sum).mean().backward()
-        assert ops.count == 3 * 4 and weight.grad is None
+        counts.append(ops.count)
+    return counts
