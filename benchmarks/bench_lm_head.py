@@ -30,9 +30,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from benchmarks.common import (add_rows_argument, clear_grads, floor_bytes, interleaved_times, load_average,
-                               machine_name, make_row, measure_memory, mem_available_bytes, print_table,
+                               machine_name, make_row, measure_memory, print_table,
                                provenance, rows_path, shape_text, start_one_rank, write_rows)
-from mst_megatron.measure.memory import format_bytes
+from mst_megatron.measure.memory import format_bytes, mem_available_bytes
 
 CATEGORIES = ("PARAM", "GRAD", "ACT", "TEMP", "OTH")
 

@@ -71,15 +71,6 @@ def load_average() -> List[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def mem_available_bytes() -> int:
-    """The kernel's estimate of memory available to a new allocation (``MemAvailable``), in bytes."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("MemAvailable not found in /proc/meminfo")
-
-
 # ---------------------------------------------------------------- memory and time
 
 

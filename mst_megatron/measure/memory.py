@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Union
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-__all__ = ["measure_peak", "measure_cuda_peak", "format_bytes"]
+__all__ = ["measure_peak", "measure_cuda_peak", "format_bytes", "mem_available_bytes"]
 
 _TOTAL_KEY = "Total"
 _CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
@@ -34,6 +34,16 @@ class _StepMemTracker(MemTracker):
         if not callable(module.buffers):
             module = module.module
         return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+
+def mem_available_bytes() -> int:
+    """The kernel's estimate of host memory available to a new allocation without swapping
+    (``MemAvailable`` of ``/proc/meminfo``), in bytes; ``RuntimeError`` where it has no such line."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
 
 
 def _as_tuple(obj) -> tuple:

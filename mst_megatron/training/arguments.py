@@ -242,20 +242,17 @@ def offloaded_bytes(args: argparse.Namespace, shape) -> int:
     return (layers + 1) * tokens * args.micro_batch_size * shape.hidden_size * (2 if args.bf16 else 4)
 
 
-def available_host_bytes() -> int:
-    """``MemAvailable`` of ``/proc/meminfo`` (what the kernel can give without swapping)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise SetupError("--offload-layer-inputs: /proc/meminfo has no MemAvailable line to check host memory against")
-
-
 def check_host_memory(args: argparse.Namespace, shape) -> None:
     """The host memory ``--offload-layer-inputs`` needs on this node (every local rank's
     :func:`offloaded_bytes`; ``LOCAL_WORLD_SIZE`` ranks) fits what the machine has available."""
+    from mst_megatron.measure.memory import mem_available_bytes
+
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    needed, available = offloaded_bytes(args, shape) * local_ranks, available_host_bytes()
+    try:
+        available = mem_available_bytes()
+    except RuntimeError as e:
+        raise SetupError(f"--offload-layer-inputs: cannot check host memory: {e}") from None
+    needed = offloaded_bytes(args, shape) * local_ranks
     _require(needed <= available,
              f"--offload-layer-inputs needs {needed / 2**30:.2f} GiB of host memory on this node ({local_ranks} "
              f"ranks x {needed / local_ranks / 2**30:.2f} GiB of layer inputs) but {available / 2**30:.2f} GiB are "
