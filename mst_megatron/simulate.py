@@ -218,20 +218,20 @@ def step_report(a, shape, fake: bool = True) -> Dict:
                                      check_for_nan_in_grad=False)
         optimizer, _ = pretrain.build_optimizer(a, model)
         opt_tensors = _adam_state(optimizer)
+        grad_buffers = [buf.grad_data for chunk in model for buf in chunk.buffers]
+        param_buffers = [buf.param_data for chunk in model for buf in chunk.buffers if buf.param_data is not None]
         seen = set()
         weights = _new_bytes((p for chunk in model for p in chunk.parameters()), seen)
-        grads = _new_bytes((buf.grad_data for chunk in model for buf in chunk.buffers), seen)
+        grads = _new_bytes(grad_buffers, seen)
         opt_bytes = _new_bytes(opt_tensors, seen)  # fp32 master weights (bf16) and Adam's moments
-        other = _new_bytes((buf.param_data for chunk in model for buf in chunk.buffers), seen)
+        other = _new_bytes(param_buffers, seen)
         static = weights + grads + opt_bytes + other
         forward_backward = get_forward_backward_func()
         iterators = [_batches(a, vocab) for _ in model]
         tracker, flops = _StepMemTracker(), _PhaseFlops()
         # What exists before the step is tracked as such: otherwise the first in-place add into the
         # gradient buffer would count the whole buffer again, as a temporary of backward.
-        tracker.track_external(*model, *(buf.grad_data for chunk in model for buf in chunk.buffers),
-                               *(buf.param_data for chunk in model for buf in chunk.buffers if buf.param_data is not None),
-                               *opt_tensors)
+        tracker.track_external(*model, *grad_buffers, *param_buffers, *opt_tensors)
         for chunk in model:
             chunk.zero_grad_buffer()
         with tracker, flops:
