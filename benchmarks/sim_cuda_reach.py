@@ -33,7 +33,7 @@ def simulated_peak(variant: str, layers: int, seq: int) -> int:
     """Peak bytes of one ``bench_cuda`` reach step of ``variant``, simulated."""
     from megatron.core.transformer.module import Float16Module
 
-    from mst_megatron.measure.memory import _StepMemTracker
+    from mst_megatron.measure.memory import StepMemTracker
     from mst_megatron.simulate import fake_tensors, fake_world
 
     config = full_recompute_config(LLAMA3_8B, torch.bfloat16, layers, use_cpu_initialization=True,
@@ -41,7 +41,7 @@ def simulated_peak(variant: str, layers: int, seq: int) -> int:
     with fake_world(0, 1), fake_tensors():
         model = Float16Module(config, build_model(variant, config, VOCAB, seq))
         tokens, labels, positions = model_inputs(VOCAB, seq)
-        tracker = _StepMemTracker()
+        tracker = StepMemTracker()
         tracker.track_external(model)
         with tracker:
             model(tokens, positions, None, labels=labels).mean().backward()

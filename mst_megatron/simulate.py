@@ -184,12 +184,27 @@ def _batches(a, vocab: int):
         )
 
 
+class _GlobalCounts:
+    """In place of ``FlopCounterMode``'s module tracker: every count goes to "Global". No per-module
+    counts, and no backward hooks, whose reference cycles hold the graph's tensors until Python's
+    cycle collector runs (see :class:`mst_megatron.measure.memory.StepMemTracker`)."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
 class _PhaseFlops(FlopCounterMode):
     """``FlopCounterMode`` that splits the count between forward (outside autograd's backward) and
-    backward (inside it: gradient products and recomputed forward products)."""
+    backward (inside it: gradient products and recomputed forward products); totals only."""
 
     def __init__(self):
         super().__init__(display=False)
+        self.mod_tracker = _GlobalCounts()
         self.phase = {"forward": 0, "backward": 0}
 
     def _count_flops(self, func_packet, out, args, kwargs):
@@ -204,7 +219,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
     """Build this rank's model, DDP and optimizer (with Adam's state) and run one step's micro-batches
     through megatron's schedule, under ``FakeTensorMode`` when ``fake`` (the real tensors otherwise:
     the simulator's check); the parallel state must be up. Returns its memory and FLOPs."""
-    from mst_megatron.measure.memory import _StepMemTracker
+    from mst_megatron.measure.memory import StepMemTracker
     from mst_megatron.training import pretrain
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -228,7 +243,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
         static = weights + grads + opt_bytes + other
         forward_backward = get_forward_backward_func()
         iterators = [_batches(a, vocab) for _ in model]
-        tracker, flops = _StepMemTracker(), _PhaseFlops()
+        tracker, flops = StepMemTracker(), _PhaseFlops()
         # What exists before the step is tracked as such: otherwise the first in-place add into the
         # gradient buffer would count the whole buffer again, as a temporary of backward.
         tracker.track_external(*model, *grad_buffers, *param_buffers, *opt_tensors)

@@ -8,19 +8,52 @@ Method and caveats: docs/design.md#measurement.
 """
 
 import gc
+import weakref
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mod_tracker import ModTracker
 
-__all__ = ["measure_peak", "measure_cuda_peak", "format_bytes", "mem_available_bytes"]
+__all__ = ["StepMemTracker", "measure_peak", "measure_cuda_peak", "format_bytes", "mem_available_bytes"]
 
 _TOTAL_KEY = "Total"
 _CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
 
 
-class _StepMemTracker(MemTracker):
-    """``MemTracker`` that tolerates a module being called more than once at top level."""
+class _ForwardModTracker(ModTracker):
+    """``ModTracker`` without its backward hooks: the module hierarchy and the user hooks of forward
+    (and of the recompute in backward), but no ``register_multi_grad_hook`` on every module's inputs
+    and outputs. Those hooks form reference cycles with the autograd graph (the hook holds the
+    nodes, the nodes hold the hook) that keep the graph's tensors alive until Python's cycle
+    collector runs, so a measured peak would depend on when it runs; training has no such hooks."""
+
+    def _fw_pre_hook(self, mod, input):
+        self._get_append_fn(weakref.ref(mod), self._get_mod_name(mod), False)()
+        if self._user_pre_fw_hook is not None:
+            self._user_pre_fw_hook(mod, input)
+
+    def _fw_post_hook(self, mod, input, output):
+        if self._user_post_fw_hook is not None:
+            self._user_post_fw_hook(mod, input, output)
+        self._get_pop_fn(weakref.ref(mod), self._get_mod_name(mod), False)()
+
+
+class StepMemTracker(MemTracker):
+    """``MemTracker`` for one whole step: the peak of the step (total and categories) only, no
+    per-module peaks (they cost a pass over every module at every op: most of a full-size
+    simulation's time) and no module hooks in backward (:class:`_ForwardModTracker`); a module may
+    be called more than once at top level (a chunked op)."""
+
+    def __init__(self):
+        super().__init__()
+        self._mod_tracker = _ForwardModTracker()
+
+    def _update_peak_stats(self, peak_state):
+        for dev, dev_snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
+                self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
+                self._peak_mem_snap[dev] = dict(dev_snap)
 
     def _pre_fw_hook(self, module, inputs):
         try:
@@ -98,7 +131,7 @@ def measure_peak(
         at the moment the total peaked (the categories sum to ``total``); plus
         ``"allocator_peak_delta"`` when ``allocator`` is set. Plain ints, string keys.
     """
-    tracker = _StepMemTracker()
+    tracker = StepMemTracker()
     externals = _as_tuple(modules_or_tensors) + _as_tuple(optimizer)
     if externals:
         tracker.track_external(*externals)
