@@ -34,7 +34,7 @@ def simulated_peak(variant: str, layers: int, seq: int) -> int:
     from megatron.core.transformer.module import Float16Module
 
     from mst_megatron.measure.memory import StepMemTracker
-    from mst_megatron.simulate import fake_tensors, fake_world
+    from mst_megatron.simulate import fake_tensors, fake_world, kernel_workspaces
 
     config = full_recompute_config(LLAMA3_8B, torch.bfloat16, layers, use_cpu_initialization=True,
                                    perform_initialization=False)
@@ -43,7 +43,7 @@ def simulated_peak(variant: str, layers: int, seq: int) -> int:
         tokens, labels, positions = model_inputs(VOCAB, seq)
         tracker = StepMemTracker()
         tracker.track_external(model)
-        with tracker:
+        with tracker, kernel_workspaces("cuda"):
             model(tokens, positions, None, labels=labels).mean().backward()
         snapshot = tracker.get_tracker_snapshot("peak")
     return sum(int(dev["Total"]) for dev in snapshot.values())

@@ -19,15 +19,17 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from mst_megatron.layout import LayoutError
 from mst_megatron.training import SetupError
 
 GIB = 1024**3
+KERNELS = ("cuda", "cpu")
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
 
 
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reserve", type=float, default=0.05,
                    help="share of the GPU kept free for what the simulation does not see (allocator, comms)")
     g.add_argument("--seq-step", type=int, default=1024, help="--seq-length auto: the search's granularity")
+    g.add_argument("--kernels", choices=KERNELS, default="cuda",
+                   help="whose kernels the step's memory follows where CPU and GPU differ (the RMSNorm): "
+                        "cuda (the GPU's, default), or cpu (this machine's: to check against a real CPU step)")
     g.add_argument("--json", default=None, help="write the report here as JSON")
     return p
 
@@ -217,8 +222,9 @@ class _PhaseFlops(FlopCounterMode):
 
 def step_report(a, shape, fake: bool = True) -> Dict:
     """Build this rank's model, DDP and optimizer (with Adam's state) and run one step's micro-batches
-    through megatron's schedule, under ``FakeTensorMode`` when ``fake`` (the real tensors otherwise:
-    the simulator's check); the parallel state must be up. Returns its memory and FLOPs."""
+    through megatron's schedule, under ``FakeTensorMode`` with ``a.kernels``' kernels when ``fake``
+    (the real tensors otherwise: the simulator's check); the parallel state must be up. Returns its
+    memory and FLOPs."""
     from mst_megatron.measure.memory import StepMemTracker
     from mst_megatron.training import pretrain
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -228,7 +234,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
     config = pretrain._transformer_config(a, shape_s)
     config.perform_initialization = False
     mst = pretrain.mst_options(a)
-    with fake_tensors() if fake else _simulation_bridges():
+    with fake_tensors(a.kernels) if fake else _simulation_bridges():
         model = pretrain.build_model(config, shape_s, vocab, mst, a.use_distributed_optimizer,
                                      check_for_nan_in_grad=False)
         optimizer, _ = pretrain.build_optimizer(a, model)
@@ -249,7 +255,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
         tracker.track_external(*model, *grad_buffers, *param_buffers, *opt_tensors)
         for chunk in model:
             chunk.zero_grad_buffer()
-        with tracker, flops:
+        with tracker, flops, kernel_workspaces(a.kernels if fake else "cpu"):
             forward_backward(forward_step_func=pretrain.forward_step, data_iterator=iterators, model=model,
                              num_microbatches=a.num_microbatches, seq_length=a.seq_length,
                              micro_batch_size=a.micro_batch_size, forward_only=False)
@@ -301,13 +307,73 @@ def fake_world(rank: int, world_size: int, tp: int = 1, pp: int = 1, vpp: Option
         dist.destroy_process_group()
 
 
+class _FusedRMSNorm(torch.autograd.Function):
+    """``rms_norm``'s memory as CUDA runs it, on fake tensors: one fused kernel, whose output has the
+    input's dtype and whose backward keeps the input, the weight and an fp32 reciprocal RMS per row.
+    On the CPU device torch decomposes it into element-wise ops whose fp32 ``[s, b, h]`` results
+    autograd keeps (the ``cpu`` kernels). No values: fake tensors carry none."""
+
+    @staticmethod
+    def forward(ctx, input_, weight, dims: int):
+        rstd = input_.new_empty(tuple(input_.shape[:-dims]) + (1,) * dims, dtype=torch.float32)
+        ctx.save_for_backward(input_, weight, rstd)
+        return torch.empty_like(input_)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input_, weight, _ = ctx.saved_tensors
+        return torch.empty_like(input_), None if weight is None else torch.empty_like(weight), None
+
+
+def _cuda_rms_norm(input, normalized_shape, weight=None, eps=None):
+    return _FusedRMSNorm.apply(input, weight, len(normalized_shape))
+
+
+class _FlashWorkspaces(TorchDispatchMode):
+    """For the length of each flash-attention backward, the buffers CUDA's kernel (FlashAttention-2,
+    as torch ships it) takes from the allocator beside its outputs, unseen by the dispatcher: the fp32
+    ``softmax_d [b, h, s_q]`` and ``dq_accum [b, s_q, h, d]`` (``s_q`` rounded up to 128, ``d`` to 32)
+    and, for grouped-query K/V, ``dK``/``dV`` with every query head ``[b, s_k, h, d]`` before their
+    sum over the group. The CPU kernel that stands in for it under fake tensors takes none."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
+            return func(*args, **(kwargs or {}))
+        _, q, k = args[:3]
+        b, h, s, d = q.shape
+        s_rounded, d_rounded = -(-s // 128) * 128, -(-d // 32) * 32
+        held = [q.new_empty((b, h, s_rounded), dtype=torch.float32),
+                q.new_empty((b, s_rounded, h, d_rounded), dtype=torch.float32)]
+        if k.size(1) != h:
+            held += [k.new_empty((b, k.size(2), h, d)) for _ in range(2)]
+        out = func(*args, **(kwargs or {}))
+        del held
+        return out
+
+
+def kernel_workspaces(kernels: str):
+    """Inside a memory tracker (entered after it): the workspaces ``kernels``' attention backward
+    takes besides its outputs (:class:`_FlashWorkspaces` for ``cuda``, none for ``cpu``)."""
+    return _FlashWorkspaces() if kernels == "cuda" else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def fake_tensors():
-    """``FakeTensorMode`` with the simulation's bridges (module docstring): build and run models inside."""
+def fake_tensors(kernels: str = "cuda"):
+    """``FakeTensorMode`` with the simulation's bridges (module docstring): build and run models inside.
+    ``kernels`` (:data:`KERNELS`): where the CPU's kernels keep other tensors than the GPU's (the
+    RMSNorm), whose to follow."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with _simulation_bridges(), FakeTensorMode(allow_non_fake_inputs=True):
-        yield
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    saved = torch.nn.functional.rms_norm
+    if kernels == "cuda":
+        torch.nn.functional.rms_norm = _cuda_rms_norm
+    try:
+        with _simulation_bridges(), FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        torch.nn.functional.rms_norm = saved
 
 
 def simulate_rank(a, shape, rank: int) -> Dict:
@@ -319,13 +385,18 @@ def simulate_rank(a, shape, rank: int) -> Dict:
     return dict(rank=rank, pipeline_stage=rank // (a.world_size // a.pipeline_model_parallel_size), **report)
 
 
+def _budget(args) -> float:
+    """Bytes a step may peak at: the GPU less the reserve."""
+    return args.gpu_memory_gib * GIB * (1 - args.reserve)
+
+
 def simulate(args, shape, seq_length: int) -> Dict:
     """Every pipeline stage's rank 0 at ``seq_length``; the busiest (highest peak) first."""
     a = checked_args(args, shape, seq_length)
     t0 = time.time()
     ranks = [simulate_rank(a, shape, _rank_of_stage(a, s)) for s in range(a.pipeline_model_parallel_size)]
     ranks.sort(key=lambda r: -r["memory"]["peak"])
-    budget = args.gpu_memory_gib * GIB * (1 - args.reserve)
+    budget = _budget(args)
     return dict(seq_length=seq_length, busiest=ranks[0], ranks=ranks, fits=ranks[0]["memory"]["peak"] <= budget,
                 budget_bytes=int(budget), seconds=time.time() - t0, layout=_layout(a))
 
@@ -340,30 +411,75 @@ def _layout(a) -> Dict:
                 distributed_optimizer=a.use_distributed_optimizer)
 
 
+def largest_fitting(peak_of: Callable[[int], int], budget: int, first: int = 1) -> Tuple[int, List[Tuple[int, int]]]:
+    """The largest ``n >= 1`` with ``peak_of(n) <= budget`` (0 if not even ``n = 1`` fits), for a
+    ``peak_of`` that does not decrease with ``n``, and every ``(n, peak)`` evaluated, in order.
+
+    A peak that grows about linearly with ``n`` (a step's with the sequence length) is found in a few
+    evaluations: from ``first`` and ``2 * first``, the line through the two nearest points fitting
+    and not fitting (or the two largest fitting) guesses the next ``n``; a guess that fails to halve
+    the bracket is followed by a bisection, so the worst case stays logarithmic.
+    """
+    peaks: Dict[int, int] = {}
+    tried: List[Tuple[int, int]] = []
+
+    def fits(n: int) -> bool:
+        if n not in peaks:
+            peaks[n] = int(peak_of(n))
+            tried.append((n, peaks[n]))
+        return peaks[n] <= budget
+
+    def through(a: int, b: int) -> float:
+        """Where the line through ``(a, peak(a))`` and ``(b, peak(b))`` reaches the budget."""
+        slope = (peaks[b] - peaks[a]) / (b - a)
+        return b + (budget - peaks[b]) / slope if slope > 0 else math.inf
+
+    first = max(1, first)
+    lo, hi = 0, None  # lo fits (0: nothing yet), hi does not (None: not found yet)
+    for n in (first, 2 * first):
+        if not fits(n):
+            hi = n
+            break
+        lo = n
+    if hi is None:  # both fit: extrapolate (at most 16x at a time) until one does not
+        prev = first
+        while hi is None:
+            n = max(int(min(through(prev, lo), 16 * lo)), lo + 1)
+            prev = lo
+            if fits(n):
+                lo = n
+            else:
+                hi = n
+    bisect_next = False
+    while hi - lo > 1:
+        width = hi - lo
+        if lo == 0 or bisect_next:
+            n = (lo + hi) // 2
+        else:
+            n = min(max(int(through(lo, hi)), lo + 1), hi - 1)
+        if fits(n):
+            lo = n
+        else:
+            hi = n
+        bisect_next = not bisect_next and (hi - lo) * 2 > width
+    return lo, tried
+
+
 def longest_fitting(args, shape) -> Dict:
-    """``--seq-length auto``: doubling from ``--seq-step`` then bisection, in multiples of the step
-    (and of the layout's sequence divisor); the last fitting result, or None if none fits."""
+    """``--seq-length auto``: the longest multiple of the unit (``--seq-step`` and the layout's
+    sequence divisor) whose step fits, by :func:`largest_fitting` from 4096 tokens; the fitting
+    result (None if none fits) and every length tried with its peak."""
     from mst_megatron.training import arguments
 
     unit = math.lcm(args.seq_step, arguments.layout_of(args, args.world_size).seq_len_divisor)
-    best, tried = None, []
-    n = 1
-    while True:
-        r = simulate(args, shape, n * unit)
-        tried.append((n * unit, r["busiest"]["memory"]["peak"]))
-        if not r["fits"]:
-            break
-        best, n = r, n * 2
-    lo, hi = n // 2, n  # lo fits (or 0), hi does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        r = simulate(args, shape, mid * unit)
-        tried.append((mid * unit, r["busiest"]["memory"]["peak"]))
-        if r["fits"]:
-            best, lo = r, mid
-        else:
-            hi = mid
-    return dict(best=best, tried=tried)
+    results: Dict[int, Dict] = {}
+
+    def peak_of(n: int) -> int:
+        results[n] = simulate(args, shape, n * unit)
+        return results[n]["busiest"]["memory"]["peak"]
+
+    n, tried = largest_fitting(peak_of, _budget(args), first=max(1, 4096 // unit))
+    return dict(best=results.get(n), tried=[(k * unit, peak) for k, peak in tried])
 
 
 def _print(report: Dict) -> None:

@@ -9,7 +9,7 @@ import pytest
 from tests.helpers.multirank import run_on_ranks
 
 # tiny model, fp32, full recompute; the simulated and the real step of every rank.
-BASE = ["--model-config", "tiny", "--vocab-size", "1000", "--recompute-granularity", "full",
+BASE = ["--model-config", "tiny", "--vocab-size", "1000", "--kernels", "cpu", "--recompute-granularity", "full",
         "--recompute-method", "uniform", "--recompute-num-layers", "1", "--micro-batch-size", "1"]
 LAYOUTS = {
     "single": (1, []),

@@ -40,3 +40,20 @@ def test_simulated_step_runs_the_named_exchange(flags, ring_calls, tmp_path, mon
         layers = json.load(f)["num_layers"]  # one attention forward per layer (no recompute)
     expected_ring = {"p2p": 4, "a2a+p2p": 2}.get(flags[1])
     assert calls == ([expected_ring] * layers if ring_calls else []), calls
+
+
+@pytest.mark.parametrize("peak_of, budget, most_tries", [
+    (lambda n: 1000 + 37 * n, 1000 + 37 * 1234 + 5, 5),  # linear: the line finds it, two checks
+    (lambda n: 1000 + 37 * n + n // 64 * 300, 10**6, 8),  # linear with steps (chunk counts)
+    (lambda n: 1000 + n * n, 10**7, 16),  # convex
+    (lambda n: 10**4 + 10 * n + (3000 if n > 700 else 0), 2 * 10**4, 20),  # a jump: bisection's bound
+    (lambda n: 1000 + 37 * n, 1000 + 37 * 4, 3),  # exactly the first guess
+    (lambda n: 50000 + n, 10**4, 3),  # nothing fits
+])
+def test_longest_length_search_finds_the_largest_fitting(peak_of, budget, most_tries):
+    from mst_megatron.simulate import largest_fitting
+
+    n, tried = largest_fitting(peak_of, budget, first=4)
+    assert n == max([k for k in range(1, 10**5) if peak_of(k) <= budget], default=0)
+    assert len(tried) <= most_tries, tried
+    assert len({k for k, _ in tried}) == len(tried)  # nothing evaluated twice
