@@ -194,6 +194,22 @@ def reach_table(rows):
     return markdown(["S", f"{SDPA}: peak", "MST: peak"], lines) + "\n\n" + load_line(rows, H200, ["cuda_reach"])
 
 
+def simulated_gpu_table(rows):
+    """``sim_cuda_reach``: each H200 reach step's simulated peak beside the measured one."""
+    chosen = sorted((r for r in rows if r["benchmark"] == "sim_cuda_reach"),
+                    key=lambda r: (r["variant"] != "sdpa", int(shape_field(r["shape"], "S"))))
+    name = {"sdpa": SDPA, "mst": "MST"}
+    lines = []
+    for r in chosen:
+        m = r["metrics"]
+        measured = m.get("gpu_peak_bytes")
+        lines.append([f"{int(shape_field(r['shape'], 'S')) // 1024}K", name.get(r["variant"], r["variant"]),
+                      size(m["simulated_peak_bytes"]), size(measured) if measured else "out of memory",
+                      f"{m['rel_error']:+.1%}" if measured else "", seconds(m["seconds"])])
+    return (markdown(["S", "model", "simulated peak", f"{H200}: measured", "error", "simulated in"], lines)
+            + "\n\n" + load_line(rows, chosen[0]["machine"], ["sim_cuda_reach"]))
+
+
 def flops_table(rows):
     chosen = [r for r in rows if r["benchmark"] == "flops_full_recompute"]
     by = {}
@@ -259,7 +275,7 @@ def cp_traffic_table(rows):
 TABLES: Dict[str, Callable[[List[Dict]], str]] = {
     "cpu": cpu_table, "cpu-step-time": step_time_table, "xeon-mcore-chunks": xeon_table, "gpu": gpu_table, "gpu-reach": reach_table,
     "flops": flops_table, "context-parallel": context_parallel_table, "lm-head-gemms": lm_head_gemms_table,
-    "cp-traffic": cp_traffic_table,
+    "cp-traffic": cp_traffic_table, "simulated-gpu": simulated_gpu_table,
 }
 MARKER = re.compile(r"<!-- table:([\w-]+) -->\n.*?<!-- /table:\1 -->", re.S)
 
