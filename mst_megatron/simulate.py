@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reserve", type=float, default=0.05,
                    help="share of the GPU kept free for what the simulation does not see (allocator, comms)")
     g.add_argument("--seq-step", type=int, default=1024, help="--seq-length auto: the search's granularity")
+    g.add_argument("--optimizer-cpu-offload", action="store_true",
+                   help="megatron-core's optimizer_cpu_offload at optimizer_offload_fraction 1: Adam's fp32 master "
+                        "weights, moments and gradient copy in host memory (counted as host memory, not run)")
     g.add_argument("--kernels", choices=KERNELS, default="cuda",
                    help="whose kernels the step's memory follows where CPU and GPU differ (the RMSNorm): "
                         "cuda (the GPU's, default), or cpu (this machine's: to check against a real CPU step)")
@@ -236,7 +239,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
     mst = pretrain.mst_options(a)
     with fake_tensors(a.kernels) if fake else _simulation_bridges():
         model = pretrain.build_model(config, shape_s, vocab, mst, a.use_distributed_optimizer,
-                                     check_for_nan_in_grad=False)
+                                     check_for_nan_in_grad=False, stock_attention=a.stock_attention)
         optimizer, _ = pretrain.build_optimizer(a, model)
         opt_tensors = _adam_state(optimizer)
         grad_buffers = [buf.grad_data for chunk in model for buf in chunk.buffers]
@@ -246,6 +249,12 @@ def step_report(a, shape, fake: bool = True) -> Dict:
         grads = _new_bytes(grad_buffers, seen)
         opt_bytes = _new_bytes(opt_tensors, seen)  # fp32 master weights (bf16) and Adam's moments
         other = _new_bytes(param_buffers, seen)
+        if a.optimizer_cpu_offload:  # fp32 master weights, moments and gradients live in host memory
+            host_optimizer = sum(t.numel() * t.element_size() for t in opt_tensors[1::3] + opt_tensors[2::3])
+            host_optimizer += sum(2 * 4 * t.numel() for t in opt_tensors[::3])
+            opt_bytes, opt_tensors = 0, []
+        else:
+            host_optimizer = 0
         static = weights + grads + opt_bytes + other
         forward_backward = get_forward_backward_func()
         iterators = [_batches(a, vocab) for _ in model]
@@ -260,7 +269,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
                              num_microbatches=a.num_microbatches, seq_length=a.seq_length,
                              micro_batch_size=a.micro_batch_size, forward_only=False)
         snapshot = tracker.get_tracker_snapshot("peak")
-    step, host = {}, 0  # the static tensors are in the snapshot too (tracked as external)
+    step, host = {}, host_optimizer  # the static tensors are in the snapshot too (tracked as external)
     for device, dev_snap in snapshot.items():
         if torch.device(device).type == "meta":  # the offload's host memory (see _simulation_bridges)
             host += int(dev_snap.get("Total", 0))
@@ -272,7 +281,8 @@ def step_report(a, shape, fake: bool = True) -> Dict:
         memory=dict(weights=weights, grads=grads, optimizer=opt_bytes, other_static=other,
                     activations=step.get("ACT", 0),
                     temporaries=step.get("TEMP", 0) + step.get("GRAD", 0),
-                    step_peak=step.get("total", 0) - static, peak=step.get("total", 0), host=host),
+                    step_peak=step.get("total", 0) - static, peak=step.get("total", 0), host=host,
+                    host_optimizer=host_optimizer),
         flops=dict(forward=flops.phase["forward"], backward_and_recompute=flops.phase["backward"],
                    total=flops.get_total_flops()),
     )
@@ -407,8 +417,10 @@ def _layout(a) -> Dict:
                 cp_comm_type=a.cp_comm_type, hierarchical_cp_sizes=a.hierarchical_context_parallel_sizes,
                 dp=a.data_parallel_size,
                 sp=a.sequence_parallel, micro_batch_size=a.micro_batch_size, num_microbatches=a.num_microbatches,
-                recompute=a.recompute_granularity, mst=not a.no_mst, bf16=a.bf16,
-                distributed_optimizer=a.use_distributed_optimizer)
+                recompute=a.recompute_granularity, mst=not a.no_mst,
+                stock_attention=a.stock_attention if a.no_mst else None, bf16=a.bf16,
+                distributed_optimizer=a.use_distributed_optimizer, optimizer_cpu_offload=a.optimizer_cpu_offload,
+                offload_layer_inputs=a.offload_layer_inputs)
 
 
 def largest_fitting(peak_of: Callable[[int], int], budget: int, first: int = 1) -> Tuple[int, List[Tuple[int, int]]]:
@@ -467,7 +479,7 @@ def largest_fitting(peak_of: Callable[[int], int], budget: int, first: int = 1) 
 
 def longest_fitting(args, shape) -> Dict:
     """``--seq-length auto``: the longest multiple of the unit (``--seq-step`` and the layout's
-    sequence divisor) whose step fits, by :func:`largest_fitting` from 4096 tokens; the fitting
+    sequence divisor) whose step fits, by :func:`largest_fitting` from 16384 tokens; the fitting
     result (None if none fits) and every length tried with its peak."""
     from mst_megatron.training import arguments
 
@@ -478,7 +490,7 @@ def longest_fitting(args, shape) -> Dict:
         results[n] = simulate(args, shape, n * unit)
         return results[n]["busiest"]["memory"]["peak"]
 
-    n, tried = largest_fitting(peak_of, _budget(args), first=max(1, 4096 // unit))
+    n, tried = largest_fitting(peak_of, _budget(args), first=max(1, 16384 // unit))
     return dict(best=results.get(n), tried=[(k * unit, peak) for k, peak in tried])
 
 
@@ -490,7 +502,8 @@ def _print(report: Dict) -> None:
     for k in ("weights", "grads", "optimizer", "other_static", "activations", "temporaries"):
         print(f"  {k:13s} {m[k] / GIB:9.2f} GiB")
     if m["host"]:
-        print(f"  host memory  {m['host'] / GIB:9.2f} GiB (offloaded layer inputs, not in the peak)")
+        print(f"  host memory  {m['host'] / GIB:9.2f} GiB (offloaded layer inputs and optimizer, not in the peak; "
+              f"optimizer {m['host_optimizer'] / GIB:.2f} GiB)")
     f = b["flops"]
     print(f"  FLOPs: forward {f['forward'] / 1e12:.4g} T, backward + recompute {f['backward_and_recompute'] / 1e12:.4g} T,"
           f" total {f['total'] / 1e12:.4g} T  ({report['seconds']:.1f} s simulated)")

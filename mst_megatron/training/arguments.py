@@ -19,6 +19,9 @@ _SHAPE_OVERRIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attenti
                     "num_query_groups", "max_position_embeddings")
 
 
+
+STOCK_ATTENTIONS = ("local", "sdpa")  # --stock-attention: the --no-mst model's attention
+
 def add_mst_flags(parser: argparse.ArgumentParser):
     """The MST chunk-count flags, in their own argument group (returned)."""
     g = parser.add_argument_group("mini-sequence transformers")
@@ -74,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = add_mst_flags(p)
     g.add_argument("--no-mst", action="store_true", help="stock megatron-core GPTModel and layer spec")
+    g.add_argument("--stock-attention", choices=STOCK_ATTENTIONS, default="local",
+                   help="with --no-mst: megatron-core's local attention (materialises the [b, heads, s, s] "
+                        "scores; default), or MST's SDPA attention (a flash kernel, context parallel) with "
+                        "megatron-core's own MLP and LM head: stock megatron with a fused attention, the "
+                        "baseline of MST's own effect")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -170,9 +178,13 @@ def check_args(args: argparse.Namespace, world_size: Optional[int] = None) -> ar
              f"--tokenizer-model is required (--tokenizer-type {args.tokenizer_type}; see scripts/train_tokenizer.py)")
 
     cp = args.context_parallel_size
-    _require(cp == 1 or not args.no_mst,
+    _require(args.no_mst or args.stock_attention == "local",
+             f"--stock-attention {args.stock_attention} chooses the stock model's attention: it needs --no-mst "
+             "(the MST model always runs MST's SDPA attention)")
+    _require(cp == 1 or not args.no_mst or args.stock_attention == "sdpa",
              f"--context-parallel-size {cp} needs MST's attention: megatron-core's local spec "
-             "(--no-mst) has no context parallelism without Transformer Engine; drop --no-mst")
+             "(--no-mst) has no context parallelism without Transformer Engine; drop --no-mst or add "
+             "--stock-attention sdpa")
     _require(not args.offload_layer_inputs or (not args.no_mst and args.recompute_granularity == "full"),
              "--offload-layer-inputs keeps the inputs that full recompute stores in host memory: it needs "
              f"--recompute-granularity full (got {args.recompute_granularity}) and the MST model (no --no-mst)")

@@ -31,8 +31,10 @@ def _device() -> torch.device:
 
 
 def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: bool, post_process: bool,
-              vp_stage: Optional[int] = None):
-    """The model provider: one model chunk, stock megatron-core when ``mst`` is None.
+              vp_stage: Optional[int] = None, stock_attention: str = "local"):
+    """The model provider: one model chunk, stock megatron-core when ``mst`` is None, with megatron's
+    local layer spec (``stock_attention="local"``) or MST's layer spec unchunked (``"sdpa"``: MST's
+    SDPA attention, megatron-core's MLP computation and LM head).
 
     ``mst`` (:func:`mst_options`) holds ``MSTGPTModel``'s options (``offload_layer_inputs`` may be
     left out: off). Both models have the same
@@ -51,13 +53,18 @@ def build_gpt(config, shape, vocab_size: int, mst: Optional[dict], pre_process: 
         rope_scaling_factor=shape.rope_scaling_factor,
         vp_stage=vp_stage,
     )
+    from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_block_spec
+
     if mst is None:
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        return GPTModel(transformer_layer_spec=get_gpt_layer_local_spec(normalization=config.normalization), **common)
+        if stock_attention not in arguments.STOCK_ATTENTIONS:
+            raise ValueError(f"stock_attention must be one of {arguments.STOCK_ATTENTIONS}, got {stock_attention!r}")
+        spec = (get_gpt_layer_local_spec(normalization=config.normalization) if stock_attention == "local"
+                else get_gpt_mst_block_spec(config, 1, vp_stage=vp_stage))
+        return GPTModel(transformer_layer_spec=spec, **common)
     from mst_megatron.modules.gpt_model import MSTGPTModel
-    from mst_megatron.specs.gpt_layer_specs import get_gpt_mst_block_spec
 
     block_spec = get_gpt_mst_block_spec(config, mst["mlp_mini_sequences"], vp_stage=vp_stage)
     return MSTGPTModel(transformer_layer_spec=block_spec, lm_head_mini_sequences=mst["lm_head_mini_sequences"],
@@ -73,7 +80,7 @@ def mst_options(args) -> Optional[dict]:
 
 
 def build_model(config, shape, vocab_size: int, mst: Optional[dict], use_distributed_optimizer: bool,
-                check_for_nan_in_grad: bool = True) -> List:
+                check_for_nan_in_grad: bool = True, stock_attention: str = "local") -> List:
     """This rank's model chunks (several under virtual pipelining), in megatron-core DDP.
 
     ``check_for_nan_in_grad`` reads each gradient bucket's norm on the host (off in the simulator,
@@ -95,7 +102,7 @@ def build_model(config, shape, vocab_size: int, mst: Optional[dict], use_distrib
             config, shape, vocab_size, mst,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage,
+            vp_stage=stage, stock_attention=stock_attention,
         ).to(_device())
         if config.bf16:
             chunk = Float16Module(config, chunk)
@@ -490,7 +497,8 @@ def run(p: RunInputs, start_time: float) -> None:
             p.tokenizer, p.blend, a.split, a.seq_length, a.seed, a.train_iters * a.global_batch_size,
             a.eval_iters * a.global_batch_size, a.data_cache_path,
         )
-        model = build_model(p.config, p.shape, p.vocab_size, p.mst, a.use_distributed_optimizer)
+        model = build_model(p.config, p.shape, p.vocab_size, p.mst, a.use_distributed_optimizer,
+                            stock_attention=a.stock_attention)
         optimizer, scheduler = build_optimizer(a, model)
         p.config.finalize_model_grads_func = finalize_model_grads
         p.config.grad_scale_func = optimizer.scale_loss

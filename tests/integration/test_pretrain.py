@@ -308,6 +308,8 @@ A_CKPT = "{A}"  # stands for run A's checkpoint root in the rows below
         (dict(extra=["--context-parallel-size", "2", "--seq-length", "66"]),
          r"--context-parallel-size 2: --seq-length 66 must be divisible by 2 x --context-parallel-size = 4"),
         (dict(extra=["--context-parallel-size", "2", "--no-mst"]), r"--context-parallel-size 2 needs MST's attention"),
+        (dict(extra=["--stock-attention", "sdpa"]), r"--stock-attention sdpa chooses the stock model's attention: it "
+                                                    r"needs --no-mst"),
         (dict(extra=["--context-parallel-size", "2", "--num-attention-heads", "6",
                      "--num-query-groups", "3", "--hidden-size", "96"]),
          r"the key/value groups per tensor-parallel rank \(num_query_groups 3 / --tensor-model-parallel-size 1 = 3\)"),

@@ -67,3 +67,21 @@ def test_simulated_step_matches_the_h200_record(variant):
     measured = sim_cuda_reach.measured(read_rows())[(variant, 32, seq)]
     simulated = sim_cuda_reach.simulated_peak(variant, 32, seq)
     assert abs(simulated / measured - 1) < 0.05, (simulated, measured)
+
+
+def test_optimizer_cpu_offload_moves_adam_to_host_memory():
+    on_device, _ = _memory()
+    offloaded, _ = _memory("--optimizer-cpu-offload")
+    # fp32 training: on the device Adam's state is two moments (the weights are their own master
+    # copy); on the host the moments, an fp32 master copy of the weights and one of the gradients
+    assert offloaded["optimizer"] == 0 and on_device["host"] == 0
+    assert offloaded["host"] == offloaded["host_optimizer"] == on_device["optimizer"] + 2 * on_device["weights"]
+    assert on_device["peak"] - offloaded["peak"] == on_device["optimizer"]
+
+
+def test_stock_model_with_sdpa_attention_runs_context_parallel():
+    args, shape = simulate.parse(FULL + ["--no-mst", "--stock-attention", "sdpa", "--world-size", "2",
+                                         "--context-parallel-size", "2"])
+    report = simulate.simulate(args, shape, SEQ)
+    assert report["layout"]["mst"] is False and report["layout"]["stock_attention"] == "sdpa"
+    assert report["layout"]["cp"] == 2 and report["busiest"]["memory"]["peak"] > 0

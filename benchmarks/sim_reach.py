@@ -1,0 +1,113 @@
+"""The reach table: the longest sequence whose full training step (forward, backward, Adam's state)
+fits 80 GB GPUs, by GPU count, for Llama-3-8B and Llama-3-70B, simulated (``mst_megatron.simulate``
+with CUDA's kernels, ``--seq-length auto``), for:
+
+* ``stock, full recompute`` / ``stock, no recompute``: megatron-core's ``GPTModel``, MLP and LM head
+  with MST's SDPA attention (``--no-mst --stock-attention sdpa``: a flash kernel, context parallel);
+* ``MST``: the MST model under full recompute; ``MST + offload``: with ``--offload-layer-inputs``.
+
+Layout per GPU count: TP ``min(8, GPUs)`` with SP, DP 1, CP the rest after the pipeline stages;
+every pipeline size (1, 2, 4) the GPU count allows is searched and
+the longest kept; CP's all-to-all where the heads allow it, else the ring; the distributed optimizer.
+Where Adam's state fits no such layout, megatron-core's ``optimizer_cpu_offload`` (master weights and
+moments in host memory) is taken, as the row says. Rows: benchmark ``sim_reach``.
+
+    python -m benchmarks.sim_reach                          # both models, 1/8/32/64 GPUs
+    python -m benchmarks.sim_reach --models llama3-8b --gpus 1 8
+"""
+
+import argparse
+import time
+from typing import Dict, List, Optional
+
+from benchmarks.common import add_rows_argument, make_row, provenance, rows_path, write_rows
+
+RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+VARIANTS = {
+    "stock, full recompute": ["--no-mst", "--stock-attention", "sdpa", *RECOMPUTE],
+    "stock, no recompute": ["--no-mst", "--stock-attention", "sdpa"],
+    "MST": RECOMPUTE,
+    "MST + offload": [*RECOMPUTE, "--offload-layer-inputs"],
+}
+OFFLOAD_GPUS = (1, 8)  # the GPU counts the offload variant is simulated at
+MACHINE = "simulated (fake tensors, CUDA kernels)"
+
+
+def layouts(gpus: int) -> List[List[str]]:
+    """The layout flags tried for ``gpus`` (see the module docstring), fewest pipeline stages first."""
+    tp = min(8, gpus)
+    out = []
+    for pp in (1, 2, 4):
+        if gpus % (tp * pp):
+            continue
+        flags = ["--world-size", str(gpus), "--tensor-model-parallel-size", str(tp),
+                 "--pipeline-model-parallel-size", str(pp), "--context-parallel-size", str(gpus // (tp * pp))]
+        out.append(flags + (["--sequence-parallel"] if tp > 1 else []))
+    return out
+
+
+def longest(model: str, gpus: int, variant: str, gpu_gib: float) -> Dict:
+    """The longest fitting length over :func:`layouts` for one table cell, with what it took."""
+    from mst_megatron import simulate
+    from mst_megatron.layout import LayoutError
+    from mst_megatron.training import SetupError
+
+    base = ["--model-config", model, "--bf16", "--use-distributed-optimizer", "--gpu-memory-gib", str(gpu_gib),
+            "--seq-length", "auto", "--seq-step", str(2048 * max(1, gpus // 8)), *VARIANTS[variant]]
+    best, tried = None, []
+    for offload in ([], ["--optimizer-cpu-offload"]):
+        for flags in layouts(gpus):
+            for comm in ("a2a", "p2p"):
+                try:
+                    args, shape = simulate.parse(base + flags + offload + ["--cp-comm-type", comm])
+                    found = simulate.longest_fitting(args, shape)
+                except (SetupError, LayoutError) as e:  # a layout the heads or sizes refuse
+                    tried.append(dict(flags=flags + offload + [comm], refused=str(e)[:160]))
+                    continue
+                tried.append(dict(flags=flags + offload + [comm], lengths=found["tried"]))
+                r = found["best"]
+                if r is not None and (best is None or r["seq_length"] > best["seq_length"]):
+                    best = r
+                break  # the all-to-all when it serves, else the ring
+        if best is not None:
+            return dict(best=best, tried=tried)
+    return dict(best=None, tried=tried)
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=["llama3-8b", "llama3-70b"])
+    p.add_argument("--gpus", type=int, nargs="*", default=[1, 8, 32, 64])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    add_rows_argument(p)
+    args = p.parse_args(argv)
+    prov, rows, path = provenance("python -m benchmarks.sim_reach"), [], rows_path(args)
+    for model in args.models:
+        for gpus in args.gpus:
+            for variant in args.variants:
+                if variant == "MST + offload" and gpus not in OFFLOAD_GPUS:
+                    continue
+                t0 = time.time()
+                found = longest(model, gpus, variant, args.gpu_memory_gib)
+                b = found["best"]
+                metrics = dict(seconds=round(time.time() - t0, 1), searched=found["tried"])
+                if b is None:
+                    metrics.update(longest_seq=0)
+                else:
+                    m = b["busiest"]["memory"]
+                    metrics.update(longest_seq=b["seq_length"], peak_bytes=m["peak"], host_bytes=m["host"],
+                                   budget_bytes=b["budget_bytes"], layout=b["layout"],
+                                   flops=b["busiest"]["flops"]["total"])
+                print(f"{model} {gpus:3d} GPUs {variant:22s}: "
+                      + (f"{b['seq_length']:>9,d} tokens, layout {b['layout']}" if b else "nothing fits")
+                      + f" ({metrics['seconds']} s)", flush=True)
+                rows.append(make_row("sim_reach", variant, f"model={model} GPUs={gpus}", "bf16", MACHINE,
+                                     metrics, prov))
+                if path:
+                    write_rows(rows[-1:], path)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
