@@ -19,6 +19,7 @@ from mst_megatron.ops.chunking import AUTO, ChunkCount
 GIB = 1024**3
 BF16, FP32 = 2, 4
 PLANNED_CP_COMM_TYPES = ("a2a", "p2p")
+ALTERNATIVES = 3  # runners-up the report lists
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def _sizes(x: ParallelLayout) -> str:
 def describe(shape, name: str, estimates: List[Estimate], nodes: int, gpus_per_node: int, seq_length: int,
              gpu_memory_gib: float, reserve: float, mlp_mini_sequences: ChunkCount = AUTO,
              lm_head_mini_sequences: ChunkCount = AUTO, distributed_optimizer: bool = True,
-             alternatives: int = 3) -> str:
+             alternatives: int = ALTERNATIVES) -> str:
     """The report ``scripts/plan_parallel.py`` prints: the best layout, its flags, then runners-up."""
     best = estimates[0]
     x = best.layout
@@ -185,6 +186,34 @@ def describe(shape, name: str, estimates: List[Estimate], nodes: int, gpus_per_n
     ]
     for other in estimates[1:1 + alternatives]:
         lines.append(f"  also fits: {_sizes(other.layout)}: {other.peak / GIB:.1f} GiB")
+    return "\n".join(lines)
+
+
+def simulate_estimates(shape, config: str, estimates: List[Estimate], nodes: int, gpus_per_node: int, seq_length: int,
+                       gpu_memory_gib: float, reserve: float, mlp_mini_sequences: ChunkCount = AUTO,
+                       lm_head_mini_sequences: ChunkCount = AUTO, distributed_optimizer: bool = True) -> List[Dict]:
+    """Each estimate's layout run through the simulator (:mod:`mst_megatron.simulate`: the job's model,
+    DDP, optimizer and step at full size under fake tensors, CUDA's kernels) with the flags the plan
+    prints; the simulator's reports, in order. ``config`` names the model JSON as ``--model-config`` does.
+    Imports megatron-core (the rest of this module does not)."""
+    from mst_megatron import simulate
+
+    reports = []
+    for e in estimates:
+        flags = e.flags(shape, seq_length, mlp_mini_sequences, lm_head_mini_sequences, distributed_optimizer)
+        args, sim_shape = simulate.parse(["--model-config", config, "--world-size", str(nodes * gpus_per_node),
+                                      "--gpu-memory-gib", str(gpu_memory_gib), "--reserve", str(reserve), *flags])
+        reports.append(simulate.simulate(args, sim_shape, seq_length))
+    return reports
+
+
+def describe_simulated(estimates: List[Estimate], reports: List[Dict]) -> str:
+    """One line per simulated layout: the simulated peak beside the formula's, and the formula's error."""
+    lines = ["simulated (mst_megatron.simulate, the busiest rank of one full step):"]
+    for e, r in zip(estimates, reports):
+        peak = r["busiest"]["memory"]["peak"]
+        lines.append(f"  {_sizes(e.layout)}: {peak / GIB:.2f} GiB ({'fits' if r['fits'] else 'does NOT fit'}); "
+                     f"formula {e.peak / GIB:.2f} GiB, error {e.peak / peak - 1:+.1%}")
     return "\n".join(lines)
 
 
@@ -210,6 +239,9 @@ def build_parser():
     p.add_argument("--mlp-mini-sequences", type=int_or_auto_arg, default=AUTO)
     p.add_argument("--lm-head-mini-sequences", type=int_or_auto_arg, default=AUTO)
     p.add_argument("--no-distributed-optimizer", action="store_true", help="replicated Adam states")
+    p.add_argument("--simulate", action="store_true",
+                   help="also run the suggested layout and the runners-up printed through the simulator "
+                        "(mst_megatron.simulate) and print their simulated peaks and the formula's error")
     p.add_argument("--cp-comm-type", choices=PLANNED_CP_COMM_TYPES, default="a2a",
                    help="context-parallel exchange to plan for: all-to-all (heads per TP rank divisible by CP) "
                         "or the ring (any CP)")
@@ -236,4 +268,9 @@ def main(argv: Optional[List[str]] = None, configs_dir: Optional[str] = None) ->
         return 2
     print(describe(shape, a.config, estimates, a.nodes, a.gpus_per_node, a.seq_length, a.gpu_memory_gib, a.reserve,
                    **options))
+    if a.simulate:
+        shown = estimates[:1 + ALTERNATIVES]
+        reports = simulate_estimates(shape, a.config, shown, a.nodes, a.gpus_per_node, a.seq_length,
+                                     a.gpu_memory_gib, a.reserve, **options)
+        print(describe_simulated(shown, reports))
     return 0

@@ -87,3 +87,26 @@ def test_model_without_vocab_size_is_refused():
 
     with pytest.raises(LaunchError, match="vocab_size null"):
         suggest(load_model_shape("tiny", CONFIGS), 1, 8, 1024, 80)
+
+
+def test_cli_simulates_the_layouts_it_prints(capsys, tmp_path):
+    import json
+    import os
+
+    from mst_megatron.launch.plan import main
+
+    with open(os.path.join(CONFIGS, "tiny.json")) as f:
+        tiny = dict(json.load(f), vocab_size=1000)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny))
+    argv = ["--config", str(config), "--nodes", "1", "--gpus-per-node", "2", "--seq-length", "1024",
+            "--gpu-memory-gib", "1", "--simulate"]
+    assert main(argv, CONFIGS) == 0
+    out = capsys.readouterr().out
+    printed = re.findall(r"^suggested: (TP=\S+ PP=\S+ CP=\S+(?: \(\w+\))? DP=\S+)|^  also fits: (.+?): ", out, re.M)
+    layouts = [a or b for a, b in printed]
+    simulated = re.findall(r"^  (.+?): ([0-9.]+) GiB \(fits\); formula ([0-9.]+) GiB, error ([+-][0-9.]+)%$",
+                           out.split("simulated (")[1], re.M)
+    assert [s[0] for s in simulated] == layouts and len(layouts) == 4, out
+    for _, peak, formula, error in simulated:  # the paper formula within 25% of the simulated step here
+        assert float(peak) > 0 and abs(float(error)) < 25, out
