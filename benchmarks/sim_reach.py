@@ -6,9 +6,9 @@ with CUDA's kernels, ``--seq-length auto``), for:
   with MST's SDPA attention (``--no-mst --stock-attention sdpa``: a flash kernel, context parallel);
 * ``MST``: the MST model under full recompute; ``MST + offload``: with ``--offload-layer-inputs``.
 
-Layout per GPU count: TP ``min(8, GPUs)`` with SP, DP 1, CP the rest after the pipeline stages;
-every pipeline size (1, 2, 4) the GPU count allows is searched and
-the longest kept; CP's all-to-all where the heads allow it, else the ring; the distributed optimizer.
+Layout per GPU count: TP ``min(8, GPUs)`` with SP, DP 1, CP the rest after the pipeline stages:
+the fewest (1, 2, 4) with which some length fits; CP's all-to-all where the heads allow it, else the
+ring; the distributed optimizer.
 Where Adam's state fits no such layout, megatron-core's ``optimizer_cpu_offload`` (master weights and
 moments in host memory) is taken, as the row says. Rows: benchmark ``sim_reach``.
 
@@ -47,14 +47,15 @@ def layouts(gpus: int) -> List[List[str]]:
 
 
 def longest(model: str, gpus: int, variant: str, gpu_gib: float) -> Dict:
-    """The longest fitting length over :func:`layouts` for one table cell, with what it took."""
+    """One table cell: the longest fitting length of the first of :func:`layouts` where any fits
+    (Adam's state on the device first, then in host memory), with every search it took."""
     from mst_megatron import simulate
     from mst_megatron.layout import LayoutError
     from mst_megatron.training import SetupError
 
     base = ["--model-config", model, "--bf16", "--use-distributed-optimizer", "--gpu-memory-gib", str(gpu_gib),
             "--seq-length", "auto", "--seq-step", str(2048 * max(1, gpus // 8)), *VARIANTS[variant]]
-    best, tried = None, []
+    tried = []
     for offload in ([], ["--optimizer-cpu-offload"]):
         for flags in layouts(gpus):
             for comm in ("a2a", "p2p"):
@@ -65,12 +66,9 @@ def longest(model: str, gpus: int, variant: str, gpu_gib: float) -> Dict:
                     tried.append(dict(flags=flags + offload + [comm], refused=str(e)[:160]))
                     continue
                 tried.append(dict(flags=flags + offload + [comm], lengths=found["tried"]))
-                r = found["best"]
-                if r is not None and (best is None or r["seq_length"] > best["seq_length"]):
-                    best = r
+                if found["best"] is not None:
+                    return dict(best=found["best"], tried=tried)
                 break  # the all-to-all when it serves, else the ring
-        if best is not None:
-            return dict(best=best, tried=tried)
     return dict(best=None, tried=tried)
 
 

@@ -19,6 +19,7 @@ from benchmarks.common import ROOT, ROWS, read_rows, write_rows
 README = os.path.join(ROOT, "README.md")
 PLOT = os.path.join(ROOT, "benchmarks", "results", "reach_h200.png")
 CP_PLOT = os.path.join(ROOT, "benchmarks", "results", "context_parallel_cpu.png")
+REACH_PLOT = os.path.join(ROOT, "benchmarks", "results", "reach_simulated.png")
 CP_COMM_TYPES = ("a2a", "p2p", "a2a+p2p")
 DEVELOPERS_CPU = "AMD EPYC, 2 vCPU, 2 threads"
 XEON = "Intel(R) Xeon(R) Processor, 2 vCPU, 2 threads"
@@ -210,6 +211,42 @@ def simulated_gpu_table(rows):
             + "\n\n" + load_line(rows, chosen[0]["machine"], ["sim_cuda_reach"]))
 
 
+REACH_VARIANTS = ("stock, no recompute", "stock, full recompute", "MST", "MST + offload")
+
+
+def sim_reach_points(rows) -> Dict[str, Dict[str, Dict[int, Dict]]]:
+    """``sim_reach`` metrics by model, variant and GPU count."""
+    out: Dict[str, Dict[str, Dict[int, Dict]]] = {}
+    for r in rows:
+        if r["benchmark"] == "sim_reach":
+            model, gpus = (shape_field(r["shape"], k) for k in ("model", "GPUs"))
+            out.setdefault(model, {}).setdefault(r["variant"], {})[int(gpus)] = r["metrics"]
+    return out
+
+
+def _reach_cell(m: Optional[Dict]) -> str:
+    if m is None:
+        return ""
+    if not m["longest_seq"]:
+        return "nothing fits"
+    x = m["layout"]
+    sizes = f"TP{x['tp']}" + (f" PP{x['pp']}" if x["pp"] > 1 else "") + (
+        f" CP{x['cp']} {x['cp_comm_type']}" if x["cp"] > 1 else "")
+    return f"{m['longest_seq'] // 1024:,}K ({sizes}{', Adam on host' if x['optimizer_cpu_offload'] else ''})"
+
+
+def sim_reach_table(rows):
+    """The longest fitting step by GPU count (``sim_reach``), one line per model and GPU count."""
+    points = sim_reach_points(rows)
+    lines = []
+    for model in sorted(points):
+        for gpus in sorted({g for v in points[model].values() for g in v}):
+            lines.append([model, str(gpus)] + [_reach_cell(points[model].get(v, {}).get(gpus)) for v in REACH_VARIANTS])
+    chosen = [r for r in rows if r["benchmark"] == "sim_reach"]
+    return (markdown(["model", "GPUs", *(f"{v}: longest S" for v in REACH_VARIANTS)], lines)
+            + "\n\n" + load_line(rows, chosen[0]["machine"], ["sim_reach"]))
+
+
 def flops_table(rows):
     chosen = [r for r in rows if r["benchmark"] == "flops_full_recompute"]
     by = {}
@@ -275,7 +312,7 @@ def cp_traffic_table(rows):
 TABLES: Dict[str, Callable[[List[Dict]], str]] = {
     "cpu": cpu_table, "cpu-step-time": step_time_table, "xeon-mcore-chunks": xeon_table, "gpu": gpu_table, "gpu-reach": reach_table,
     "flops": flops_table, "context-parallel": context_parallel_table, "lm-head-gemms": lm_head_gemms_table,
-    "cp-traffic": cp_traffic_table, "simulated-gpu": simulated_gpu_table,
+    "cp-traffic": cp_traffic_table, "simulated-gpu": simulated_gpu_table, "reach": sim_reach_table,
 }
 MARKER = re.compile(r"<!-- table:([\w-]+) -->\n.*?<!-- /table:\1 -->", re.S)
 
@@ -358,6 +395,27 @@ def plot_context_parallel(rows: List[Dict], path: str = CP_PLOT) -> None:
     plt.close(fig)
 
 
+def plot_reach(rows: List[Dict], path: str = REACH_PLOT) -> None:
+    """The longest fitting step against the GPU count (``sim_reach``): a line per model and variant."""
+    plt = _pyplot()
+    points = sim_reach_points(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, style in zip(sorted(points), ("-", "--")):
+        for variant, marker in zip(REACH_VARIANTS, "vsoD"):
+            line = sorted((g, m["longest_seq"]) for g, m in points[model].get(variant, {}).items() if m["longest_seq"])
+            if line:
+                ax.plot([g for g, _ in line], [s for _, s in line], marker + style, label=f"{model} {variant}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("GPUs (80 GB) per sequence")
+    ax.set_ylabel("longest sequence (tokens)")
+    ax.set_title("simulated full training step (bf16, Adam), longest S that fits", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if the README's tables differ from the rows")
@@ -380,7 +438,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(new)
     plot(rows)
     plot_context_parallel(rows)
-    print(f"wrote {args.readme}, {PLOT} and {CP_PLOT}")
+    plot_reach(rows)
+    print(f"wrote {args.readme}, {PLOT}, {CP_PLOT} and {REACH_PLOT}")
     return 0
 
 

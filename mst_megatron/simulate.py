@@ -8,7 +8,9 @@ from the real model code, without computing anything.
 
 The pretraining job's model, DDP, optimizer and schedule run under ``FakeTensorMode`` on torch's
 ``fake`` process group, one steady-state step per pipeline stage; the busiest stage is reported.
-Not counted: the optimizer's update and memory the dispatcher does not see (leave ``--reserve``).
+Memory follows CUDA's kernels where the CPU's differ (``--kernels``); ``--optimizer-cpu-offload``
+counts Adam's state as host memory. Not counted: the optimizer's update and memory the dispatcher
+does not see beyond the modelled kernel workspaces (leave ``--reserve``).
 Method and assumptions: docs/design.md#simulator.
 """
 
