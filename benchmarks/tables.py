@@ -243,6 +243,8 @@ def sim_reach_table(rows):
         for gpus in sorted({g for v in points[model].values() for g in v}):
             lines.append([model, str(gpus)] + [_reach_cell(points[model].get(v, {}).get(gpus)) for v in REACH_VARIANTS])
     chosen = [r for r in rows if r["benchmark"] == "sim_reach"]
+    if not chosen:
+        return "(no sim_reach rows yet: python -m benchmarks.sim_reach)"
     return (markdown(["model", "GPUs", *(f"{v}: longest S" for v in REACH_VARIANTS)], lines)
             + "\n\n" + load_line(rows, chosen[0]["machine"], ["sim_reach"]))
 
