@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron-core's optimizer_cpu_offload at optimizer_offload_fraction 1: Adam's fp32 master "
                         "weights, moments and gradient copy in host memory (counted as host memory, not run)")
     g.add_argument("--kernels", choices=KERNELS, default="cuda",
-                   help="whose kernels the step's memory follows where CPU and GPU differ (RMSNorm, flash-attention backward): "
-                        "cuda (the GPU's, default), or cpu (this machine's: to check against a real CPU step)")
+                   help="whose kernels the step's memory follows where CPU and GPU differ (RMSNorm, "
+                        "flash-attention backward): cuda (the GPU's, default), or cpu (this machine's: to "
+                        "check against a real CPU step)")
     g.add_argument("--json", default=None, help="write the report here as JSON")
     return p
 
