@@ -10,7 +10,7 @@ training step = megatron's schedule (forward + backward, the batch sharded per C
 Adam's state exists before the measured step, as in any step but the first).
 
 Layouts (tensor x context parallel with megatron's ``cp_comm_type``, one gloo rank per GPU stand-in):
-1; the all-to-all (``a2a``) at CP 2 and 4; the ring (``p2p``) at CP 2, 4 and 8; ``a2a+p2p`` at CP 4 =
+1; the all-to-all (``a2a``) at CP 2, 4 and 8; the ring (``p2p``) at CP 2, 4 and 8; ``a2a+p2p`` at CP 4 =
 2 x 2 (all-to-all inside pairs, ring across them); TP=2 and TP=2 x CP=2 (``a2a``), TP always with
 sequence parallelism. Each rank measures its own step with
 :func:`mst_megatron.measure.memory.measure_peak` (MemTracker); the table shows the largest rank.
@@ -78,13 +78,15 @@ class Layout:
 
 
 # TP=2 alone separates what TP + SP contribute from what CP does; the single rank ("1") comes first
-# (it sets the budget). The ring needs no head split: the 8 heads would also serve a2a up to CP 8.
+# (it sets the budget). The ring needs no head split; the 8 heads also serve a2a up to CP 8, which
+# separates what the exchange costs at CP 8 from what the rest of the step does.
 LAYOUTS = {
     "1": Layout(),
     "CP=2 a2a": Layout(cp=2), "CP=2 p2p": Layout(cp=2, cp_comm_type="p2p"), "TP=2": Layout(tp=2),
     "CP=4 a2a": Layout(cp=4), "CP=4 p2p": Layout(cp=4, cp_comm_type="p2p"),
     "CP=4 a2a+p2p 2x2": Layout(cp=4, cp_comm_type="a2a+p2p", hierarchical=(2, 2)),
-    "TP=2 x CP=2 a2a": Layout(tp=2, cp=2), "CP=8 p2p": Layout(cp=8, cp_comm_type="p2p"),
+    "TP=2 x CP=2 a2a": Layout(tp=2, cp=2), "CP=8 a2a": Layout(cp=8),
+    "CP=8 p2p": Layout(cp=8, cp_comm_type="p2p"),
 }
 TARGET_SLACK = 0.15  # per-rank activations within 15% of 1/(TP x CP) of the single rank's
 REACH_TARGET = (8, 7.0)  # at a world of 8, the longest S at least 7x the single rank's

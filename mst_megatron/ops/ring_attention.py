@@ -63,21 +63,44 @@ class _Ring:
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
-    def shift(self, buf: torch.Tensor):
-        """Post sending ``buf`` to the next rank and receiving the previous rank's into a new buffer;
-        return ``(received, wait)``: ``received`` is valid after ``wait()``."""
-        received = torch.empty_like(buf)
-        reqs = [dist.isend(buf, self.next, group=self.group), dist.irecv(received, self.prev, group=self.group)]
+    def shift(self, buf: torch.Tensor, into: torch.Tensor):
+        """Post sending ``buf`` to the next rank and receiving the previous rank's into ``into`` (same
+        shape); return ``wait``: after ``wait()`` ``into`` holds it and ``buf`` may be written again."""
+        reqs = [dist.isend(buf, self.next, group=self.group), dist.irecv(into, self.prev, group=self.group)]
 
         def wait():
             for req in reqs:
                 req.wait()
+            reqs.clear()  # the requests hold their tensors
 
-        return received, wait
+        return wait
+
+
+class _Buffers:
+    """The receive buffers of a ring loop: a buffer whose send has completed is received into again, so
+    two travel at once, ``keep`` (a buffer never received into) aside."""
+
+    def __init__(self, keep: Optional[torch.Tensor] = None):
+        self.keep, self.spare = keep, None
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """A buffer to receive into: the spare one, else a new one like ``like``."""
+        buf, self.spare = self.spare, None
+        return torch.empty_like(like) if buf is None else buf
+
+    def sent(self, buf: torch.Tensor) -> None:
+        """``buf``'s send has completed: it becomes the spare, unless it is ``keep``."""
+        if buf is not self.keep:
+            self.spare = buf
+
+    def drop(self) -> None:
+        """Nothing more will be received: let the spare go."""
+        self.spare = None
 
 
 def _blocks(step_src: int, rank: int, causal: bool, half: int):
-    """``(query rows, key columns, causal)`` of this step's block (slices of the local sequence)."""
+    """``(query rows, key columns, causal)`` of this step's block (slices of the local sequence); step 0
+    (``step_src == rank``) covers every row and column."""
     everything = slice(None)
     if not causal:
         return everything, everything, False
@@ -89,12 +112,12 @@ def _blocks(step_src: int, rank: int, causal: bool, half: int):
 
 
 def _merge(out, lse, rows, block_out, block_lse):
-    """Fold a block's (output, log-sum-exp) into the running float32 ones, in place, on ``rows``."""
+    """Fold a block's (output, log-sum-exp) into the running float32 ones, in place, on ``rows``
+    (``block_out`` is overwritten)."""
     old = lse[:, :, rows]
     new = torch.logaddexp(old, block_lse)
-    out[:, :, rows] = out[:, :, rows] * torch.exp(old - new).unsqueeze(-1) + block_out * torch.exp(
-        block_lse - new
-    ).unsqueeze(-1)
+    block_out.mul_(torch.exp(block_lse - new).unsqueeze(-1))
+    out[:, :, rows].mul_(torch.exp(old - new).unsqueeze(-1)).add_(block_out)
     lse[:, :, rows] = new
 
 
@@ -103,61 +126,83 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group, causal: bool, scale: float):
         ring = _Ring(group)
         half = q.size(2) // 2
-        kv = torch.stack((k, v))  # one contiguous buffer travels: [2, b, kv_heads, s_local, d]
+        # One contiguous buffer travels, [2, b, kv_heads, s_local, d]; the local one is saved for backward
+        # (not k and v, which may be views of a larger projection output that could then be freed).
+        local = kv = torch.stack((k, v))
+        buffers = _Buffers(keep=local)
         out = lse = None
         for step in range(ring.size):
             if step < ring.size - 1:
-                kv_next, wait = ring.shift(kv)
+                kv_next = buffers.take(kv)
+                wait = ring.shift(kv, kv_next)
             src = (ring.rank - step) % ring.size
             rows, cols, block_causal = _blocks(src, ring.rank, causal, half)
             block_out, block_lse = _block_forward(
                 q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], block_causal, scale
             )
             if out is None:  # step 0 covers every query row
-                out, lse = block_out.float(), block_lse.float().clone()
+                out, lse = block_out.float(), block_lse.float()
             else:
                 _merge(out, lse, rows, block_out.float(), block_lse.float())
             del block_out, block_lse  # before the next block's kernel allocates its own
             if step < ring.size - 1:
                 wait()
+                buffers.sent(kv)
                 kv = kv_next
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.causal, ctx.scale = group, causal, scale
+        ctx.save_for_backward(q, local, out, lse)
+        ctx.group, ctx.causal, ctx.scale, ctx.backward_done = group, causal, scale, False
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        if ctx.backward_done:
+            raise RuntimeError(
+                "ring_attention's backward runs once per forward (the saved local K/V buffer receives the "
+                "visiting shards): retain_graph / a second backward is not supported"
+            )
+        ctx.backward_done = True
+        q, kv, out, lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
         half = q.size(2) // 2
-        dout = dout.contiguous()
-        dq = torch.zeros_like(q, dtype=torch.float32)
-        kv = torch.stack((k, v))
-        dkv = torch.zeros_like(kv, dtype=torch.float32)  # the visiting shard's gradient so far
-        dkv_wait = None
+        if dout.device.type != "cpu":  # the CPU kernel reads any strides
+            dout = dout.contiguous()
+        # The local K/V are sent on at step 0 and not read again: their buffer then receives.
+        kv_buffers, dkv_buffers = _Buffers(), _Buffers()
+        dq = dkv = dkv_wait = None  # dkv: the visiting shard's gradient so far, float32
         for step in range(ring.size):
-            if step < ring.size - 1:
-                kv_next, kv_wait = ring.shift(kv)
+            last = step == ring.size - 1
+            if not last:
+                kv_next = kv_buffers.take(kv)
+                kv_wait = ring.shift(kv, kv_next)
+            else:
+                kv_buffers.drop()
             src = (ring.rank - step) % ring.size
             rows, cols, block_causal = _blocks(src, ring.rank, ctx.causal, half)
             bdq, bdk, bdv = _block_backward(
                 dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols],
                 out[:, :, rows], lse[:, :, rows], block_causal, ctx.scale,
             )
-            dq[:, :, rows] += bdq
-            if dkv_wait is not None:  # the previous rank's partial gradient of this shard
-                dkv_wait()
+            if dkv_wait is None:  # step 0: the block covers every row and column
+                dq = bdq.float()
+                dkv = torch.empty(kv.shape, dtype=torch.float32, device=kv.device)
+                dkv[0], dkv[1] = bdk, bdv
+            else:
+                dq[:, :, rows] += bdq
+                dkv_wait()  # the previous rank's partial gradient of this shard is in; ours went on
+                dkv_buffers.sent(dkv)
                 dkv = dkv_in
-            dkv[0][:, :, cols] += bdk
-            dkv[1][:, :, cols] += bdv
+                dkv[0][:, :, cols] += bdk
+                dkv[1][:, :, cols] += bdv
             del bdq, bdk, bdv  # before the next block's kernel allocates its own
-            dkv_in, dkv_wait = ring.shift(dkv)
-            if step < ring.size - 1:
+            dkv_in = dkv_buffers.take(dkv)
+            dkv_wait = ring.shift(dkv, dkv_in)
+            if not last:
                 kv_wait()
+                kv_buffers.sent(kv)
                 kv = kv_next
         dkv_wait()  # after cp hops the shard's gradient is back home, complete
-        return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv_in[0].to(kv.dtype), dkv_in[1].to(kv.dtype), None, None, None
 
 
 def ring_attention(
@@ -173,7 +218,8 @@ def ring_attention(
     ``query`` is ``[s/cp, b, heads, d]``, ``key`` and ``value`` ``[s/cp, b, kv_heads, d]`` (``heads``
     a multiple of ``kv_heads``), all this rank's two chunks; returns the context ``[s/cp, b, heads, d]``
     for the same positions. ``softmax_scale`` defaults to ``1/sqrt(d)``. Every rank of the group must
-    call with the same shapes.
+    call with the same shapes. Backward runs once per forward (a second one, after ``retain_graph``,
+    raises ``RuntimeError``).
     """
     if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
         raise ValueError(

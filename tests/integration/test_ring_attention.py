@@ -1,7 +1,8 @@
 """The ring-attention op (:mod:`mst_megatron.ops.ring_attention`) on gloo ranks, against plain SDPA of
 the whole sequence on one rank: output and the gradients of query, key and value, fp32 and fp64
 kernels' tolerances, causal (load-balanced shards) and unmasked, grouped-query K/V; the bytes the
-op sends, counted at ``isend``, against the algorithm's count; the refusals."""
+op sends, counted at ``isend``, against the algorithm's count; the op's peak memory (MemTracker)
+against the buffers its design holds; the refusals, a second backward among them."""
 
 import json
 import os
@@ -25,6 +26,7 @@ def _layout_index(s: int, cp: int, rank: int) -> torch.Tensor:
 def body(out_dir, cases):
     import torch.distributed as dist
 
+    from mst_megatron.measure.memory import measure_peak
     from mst_megatron.measure.traffic import SentBytes
     from mst_megatron.ops.ring_attention import ring_attention
 
@@ -51,8 +53,22 @@ def body(out_dir, cases):
         kv_bytes = 2 * (s // cp) * b * kv_heads * d * 4
         results.append(dict(case=[s, b, heads, kv_heads, d, causal], errs=errs, sent_forward=sent_forward,
                             sent_backward=sent.bytes - sent_forward, kv_bytes=kv_bytes))
+    # One causal grouped-query forward + backward under MemTracker (inputs and upstream gradient
+    # counted), then a second backward through a retained graph.
+    s_local, b, heads, kv_heads, d = MEMORY_CASE
+    g = torch.Generator().manual_seed(1)
+    local = [torch.randn(s_local, b, n, d, generator=g, requires_grad=True) for n in (heads, kv_heads, kv_heads)]
+    dout = torch.randn(s_local, b, heads, d, generator=g)
+    peak = measure_peak(lambda: ring_attention(*local, dist.group.WORLD).backward(dout), (*local, dout))["total"]
+    out = ring_attention(*local, dist.group.WORLD)
+    out.backward(dout, retain_graph=True)
+    try:
+        out.backward(dout)
+        refusal = None
+    except RuntimeError as e:
+        refusal = str(e)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+        json.dump(dict(cases=results, peak=peak, refusal=refusal), f)
 
 
 CASES = [
@@ -63,16 +79,53 @@ CASES = [
 ]
 
 
+MEMORY_CASE = (256, 1, 8, 4, 16)  # local tokens, b, heads, kv_heads, d
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """``results(cp)``: each rank's results of :func:`body` on ``cp`` ranks, run on first use."""
+    runs = {}
+
+    def ranks(cp):
+        if cp not in runs:
+            out = tmp_path_factory.mktemp(f"cp{cp}")
+            run_on_ranks(body, cp, str(out), CASES, timeout=240)
+            runs[cp] = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(cp)]
+        return runs[cp]
+
+    return ranks
+
+
 @pytest.mark.parametrize("cp", [2, 4, 8])
-def test_ring_matches_full_attention(tmp_path, cp):
-    run_on_ranks(body, cp, str(tmp_path), CASES, timeout=240)
-    for rank in range(cp):
-        with open(tmp_path / f"rank{rank}.json") as f:
-            for r in json.load(f):
-                assert max(r["errs"]) <= TOL, r
-                # forward: cp - 1 K/V shards; backward: cp - 1 K/V shards and cp fp32 K/V gradients
-                assert r["sent_forward"] == (cp - 1) * r["kv_bytes"], r
-                assert r["sent_backward"] == (2 * cp - 1) * r["kv_bytes"], r
+def test_ring_matches_full_attention(results, cp):
+    for rank in results(cp):
+        for r in rank["cases"]:
+            assert max(r["errs"]) <= TOL, r
+            # forward: cp - 1 K/V shards; backward: cp - 1 K/V shards and cp fp32 K/V gradients
+            assert r["sent_forward"] == (cp - 1) * r["kv_bytes"], r
+            assert r["sent_backward"] == (2 * cp - 1) * r["kv_bytes"], r
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_ring_working_set(results, cp):
+    """The peak of a causal forward + backward (fp32) is what the design holds at the backward's
+    busiest step (docs/design.md#ring): the inputs, the upstream gradient, the saved output and
+    log-sum-exp, two K/V buffers (the saved local one is received into once sent on), two K/V gradient
+    buffers (one accumulating and going out, one coming in), the query gradient and one block's
+    gradients (all queries x half the keys, or half the queries x all keys)."""
+    s_local, b, heads, kv_heads, d = MEMORY_CASE
+    q, kv = s_local * b * heads * d * 4, 2 * s_local * b * kv_heads * d * 4
+    lse = b * heads * s_local * 4
+    bound = (q + kv) + q + (q + lse) + 2 * kv + 2 * kv + q + max(q + kv // 2, q // 2 + kv)
+    for rank in results(cp):
+        assert rank["peak"] <= bound, (rank["peak"] / q, bound / q)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_second_backward_refused(results, cp):
+    for rank in results(cp):
+        assert rank["refusal"] is not None and "backward runs once per forward" in rank["refusal"], rank["refusal"]
 
 
 def test_refusals():
