@@ -237,14 +237,14 @@ def _reach_cell(m: Optional[Dict]) -> str:
 
 def sim_reach_table(rows):
     """The longest fitting step by GPU count (``sim_reach``), one line per model and GPU count."""
-    points = sim_reach_points(rows)
+    chosen = [r for r in rows if r["benchmark"] == "sim_reach"]
+    if not chosen:
+        return "(no sim_reach rows yet: python -m benchmarks.sim_reach)"
+    points = sim_reach_points(chosen)
     lines = []
     for model in sorted(points):
         for gpus in sorted({g for v in points[model].values() for g in v}):
             lines.append([model, str(gpus)] + [_reach_cell(points[model].get(v, {}).get(gpus)) for v in REACH_VARIANTS])
-    chosen = [r for r in rows if r["benchmark"] == "sim_reach"]
-    if not chosen:
-        return "(no sim_reach rows yet: python -m benchmarks.sim_reach)"
     return (markdown(["model", "GPUs", *(f"{v}: longest S" for v in REACH_VARIANTS)], lines)
             + "\n\n" + load_line(rows, chosen[0]["machine"], ["sim_reach"]))
 

@@ -17,10 +17,8 @@ from mst_megatron.training.tokenizer import add_tokenizer_arguments
 
 _SHAPE_OVERRIDES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                     "num_query_groups", "max_position_embeddings")
-
-
-
 STOCK_ATTENTIONS = ("local", "sdpa")  # --stock-attention: the --no-mst model's attention
+
 
 def add_mst_flags(parser: argparse.ArgumentParser):
     """The MST chunk-count flags, in their own argument group (returned)."""
