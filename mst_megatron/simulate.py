@@ -210,20 +210,64 @@ class _GlobalCounts:
 
 
 class _PhaseFlops(FlopCounterMode):
-    """``FlopCounterMode`` that splits the count between forward (outside autograd's backward) and
-    backward (inside it: gradient products and recomputed forward products); totals only."""
+    """``FlopCounterMode`` that splits the count by phase, totals only:
+
+    * ``forward``: outside autograd's backward;
+    * ``recompute``: inside backward, an activation checkpoint rerunning its function (megatron's
+      ``CheckpointFunction``, torch's non-reentrant checkpoint of the mini-sequence chunks), marked by
+      :meth:`marking_recompute` (grad mode cannot tell: a custom ``autograd.Function``'s forward, as
+      megatron's linear layers have, runs without it even in a recompute);
+    * ``backward``: the rest of backward, the gradient products, including what a custom
+      ``autograd.Function``'s backward recomputes itself (the MST head's chunk logits).
+    """
 
     def __init__(self):
         super().__init__(display=False)
         self.mod_tracker = _GlobalCounts()
-        self.phase = {"forward": 0, "backward": 0}
+        self.phase = {"forward": 0, "recompute": 0, "backward": 0}
+        self._recomputing = 0
 
     def _count_flops(self, func_packet, out, args, kwargs):
         before = self.flop_counts["Global"].get(func_packet, 0)
         out = super()._count_flops(func_packet, out, args, kwargs)
         added = self.flop_counts["Global"].get(func_packet, 0) - before
-        self.phase["backward" if torch._C._current_graph_task_id() != -1 else "forward"] += added
+        if torch._C._current_graph_task_id() == -1:
+            self.phase["forward"] += added
+        else:
+            self.phase["recompute" if self._recomputing else "backward"] += added
         return out
+
+    def _marked(self, function):
+        def run(*args, **kwargs):
+            if torch._C._current_graph_task_id() == -1:  # the checkpoint's first, forward call
+                return function(*args, **kwargs)
+            self._recomputing += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._recomputing -= 1
+        return run
+
+    @contextlib.contextmanager
+    def marking_recompute(self):
+        """Within: the functions given to megatron's and the chunks' checkpoints count as
+        recompute when backward reruns them."""
+        from megatron.core.tensor_parallel import random as tp_random
+
+        from mst_megatron.ops import mini_sequence
+
+        saved = (tp_random.CheckpointFunction.forward, mini_sequence.checkpoint)
+        forward, checkpoint = saved
+
+        def marked_forward(ctx, run_function, *args):
+            return forward(ctx, self._marked(run_function), *args)
+
+        tp_random.CheckpointFunction.forward = staticmethod(marked_forward)
+        mini_sequence.checkpoint = lambda function, *args, **kwargs: checkpoint(self._marked(function), *args, **kwargs)
+        try:
+            yield
+        finally:
+            tp_random.CheckpointFunction.forward, mini_sequence.checkpoint = staticmethod(forward), checkpoint
 
 
 def step_report(a, shape, fake: bool = True) -> Dict:
@@ -267,7 +311,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
         tracker.track_external(*model, *grad_buffers, *param_buffers, *opt_tensors)
         for chunk in model:
             chunk.zero_grad_buffer()
-        with tracker, flops, kernel_workspaces(a.kernels if fake else "cpu"):
+        with tracker, flops, flops.marking_recompute(), kernel_workspaces(a.kernels if fake else "cpu"):
             forward_backward(forward_step_func=pretrain.forward_step, data_iterator=iterators, model=model,
                              num_microbatches=a.num_microbatches, seq_length=a.seq_length,
                              micro_batch_size=a.micro_batch_size, forward_only=False)
@@ -286,8 +330,7 @@ def step_report(a, shape, fake: bool = True) -> Dict:
                     temporaries=step.get("TEMP", 0) + step.get("GRAD", 0),
                     step_peak=step.get("total", 0) - static, peak=step.get("total", 0), host=host,
                     host_optimizer=host_optimizer),
-        flops=dict(forward=flops.phase["forward"], backward_and_recompute=flops.phase["backward"],
-                   total=flops.get_total_flops()),
+        flops=dict(**flops.phase, total=flops.get_total_flops()),
     )
 
 
@@ -433,7 +476,9 @@ def largest_fitting(peak_of: Callable[[int], int], budget: int, first: int = 1) 
     A peak that grows about linearly with ``n`` (a step's with the sequence length) is found in a few
     evaluations: from ``first`` and ``2 * first``, the line through the two nearest points fitting
     and not fitting (or the two largest fitting) guesses the next ``n``; a guess that fails to halve
-    the bracket is followed by a bisection, so the worst case stays logarithmic.
+    the bracket is followed by a bisection, so the worst case stays logarithmic. When ``first`` does
+    not fit, ``n = 1`` is tried next: if it does not fit either, nothing does (one evaluation, not a
+    bisection down to 1, for a layout whose static memory alone is over the budget).
     """
     peaks: Dict[int, int] = {}
     tried: List[Tuple[int, int]] = []
@@ -468,7 +513,9 @@ def largest_fitting(peak_of: Callable[[int], int], budget: int, first: int = 1) 
     bisect_next = False
     while hi - lo > 1:
         width = hi - lo
-        if lo == 0 or bisect_next:
+        if lo == 0:
+            n = 1
+        elif bisect_next:
             n = (lo + hi) // 2
         else:
             n = min(max(int(through(lo, hi)), lo + 1), hi - 1)
@@ -508,8 +555,8 @@ def _print(report: Dict) -> None:
         print(f"  host memory  {m['host'] / GIB:9.2f} GiB (offloaded layer inputs and optimizer, not in the peak; "
               f"optimizer {m['host_optimizer'] / GIB:.2f} GiB)")
     f = b["flops"]
-    print(f"  FLOPs: forward {f['forward'] / 1e12:.4g} T, backward + recompute {f['backward_and_recompute'] / 1e12:.4g} T,"
-          f" total {f['total'] / 1e12:.4g} T  ({report['seconds']:.1f} s simulated)")
+    print(f"  FLOPs: forward {f['forward'] / 1e12:.4g} T, recompute {f['recompute'] / 1e12:.4g} T, backward "
+          f"{f['backward'] / 1e12:.4g} T, total {f['total'] / 1e12:.4g} T  ({report['seconds']:.1f} s simulated)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
