@@ -19,8 +19,10 @@ sequence parallelism. Each rank measures its own step with
 * ``fixed`` and ``act``: the peak is linear in S here (flash attention, chunked MLP and head), so the
   line through the peaks at ``--seq / 2`` and ``--seq`` splits it into a part that does not grow
   with the sequence (``fixed``, its S -> 0 intercept: weights, gradient buffers, Adam state, and the
-  weight-gradient temporaries of the embedding and head) and the activation memory ``act = peak -
-  fixed`` (activations, recomputed activations, activation gradients). Target: ``act`` within 15% of
+  weight-gradient temporaries of the embedding and head, one MLP chunk's working set) and the
+  activation memory ``act = peak - fixed`` (activations, recomputed activations, activation
+  gradients). The line holds where both peaks are the backward's: a rank needs a few MLP chunks
+  (``auto``: about ``hidden_size`` tokens each) at ``--seq / 2``, hence the default 4096. Target: ``act`` within 15% of
   ``1/(TP x CP)`` of the single rank's at the same global sequence, and at CP 8 a longest S at least
   7 times the single rank's. The JSON also keeps MemTracker's
   breakdown by category at each peak.
@@ -34,7 +36,7 @@ rank's figures); ``benchmarks/tables.py`` draws the curve (longest S against GPU
 
 Examples::
 
-    nice -n 19 python -m benchmarks.bench_context_parallel                       # S = 2048
+    nice -n 19 python -m benchmarks.bench_context_parallel                       # S = 4096
     python -m benchmarks.bench_context_parallel --seq 512 --rows /tmp/rows.jsonl  # a quick smoke run
     python -m benchmarks.bench_context_parallel --seq 512 --layouts 1 "CP=8 p2p" --rows /tmp/rows.jsonl
 """
@@ -261,7 +263,9 @@ def report_rows(report, prov) -> list:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq", type=int, default=2048, help="global sequence length for the memory table")
+    parser.add_argument("--seq", type=int, default=4096,
+                        help="global sequence length for the memory table (at 2048 a CP 8 rank's 256 tokens are "
+                             "about two MLP chunks, and at --seq / 2 its step's peak is Adam's update)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), metavar="NAME",
                         help=f"layouts to measure, the single rank first (default: all of {list(LAYOUTS)})")
     add_rows_argument(parser)
