@@ -128,16 +128,16 @@ SLURM_ENV = dict(SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE=
                  DATA_PATH="0.7 /data/a 0.3 /data/b", TOKENIZER_MODEL="/data/tok.model")
 
 
-@pytest.mark.parametrize("batch_file, nodes, nodelist, layout, seq", [
-    ("llama3-8b-128k-1node.sbatch", "1", "dgx01", dict(TP="2", PP="1", CP="1"), "131072"),
-    ("llama3-8b-1m-multinode.sbatch", "4", "gpu[012-015]", dict(TP="8", PP="1", CP="2"), "1048576"),
-    ("llama3-8b-1m-multinode.sbatch", "4", "gpu[012-015]", dict(TP="8", PP="2", CP="2"), "1048576"),  # PP override
+@pytest.mark.parametrize("batch_file, nodes, nodelist, layout, override, seq", [
+    ("llama3-8b-128k-1node.sbatch", "1", "dgx01", dict(TP="2", PP="1", CP="1"), {}, "131072"),
+    ("llama3-8b-1m-multinode.sbatch", "4", "gpu[012-015]", dict(TP="8", PP="1", CP="2"), {}, "1048576"),
+    ("llama3-8b-1m-multinode.sbatch", "4", "gpu[012-015]", dict(TP="8", PP="2", CP="2"), dict(PP="2"), "1048576"),
+    # TP x CP = 64 ranks per sequence, past Llama-3-8B's 32 heads: the ring
+    ("llama3-8b-1m-multinode.sbatch", "8", "gpu[012-019]", dict(TP="8", PP="1", CP="8"), dict(CP="8"), "1048576"),
 ])
-def test_slurm_batch_files_dry_run(tmp_path, batch_file, nodes, nodelist, layout, seq):
+def test_slurm_batch_files_dry_run(tmp_path, batch_file, nodes, nodelist, layout, override, seq):
     """sbatch runs the file from its spool copy: run it from elsewhere, as SLURM would."""
-    env = dict(SLURM_ENV, SLURM_JOB_NUM_NODES=nodes, SLURM_JOB_NODELIST=nodelist)
-    if layout["PP"] == "2":
-        env["PP"] = "2"
+    env = dict(SLURM_ENV, SLURM_JOB_NUM_NODES=nodes, SLURM_JOB_NODELIST=nodelist, **override)
     result = _run(["bash", os.path.join(SLURM_DIR, batch_file), "--dry-run"], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
@@ -151,6 +151,7 @@ def test_slurm_batch_files_dry_run(tmp_path, batch_file, nodes, nodelist, layout
                       ("CP", "--context-parallel-size")):
         assert _flag(train, flag) == layout[key]
     assert _flag(train, "--seq-length") == seq == _flag(train, "--max-position-embeddings")
+    assert _flag(train, "--cp-comm-type") == ("a2a" if int(layout["TP"]) * int(layout["CP"]) <= 32 else "p2p")
     assert _flag(train, "--model-config") == "llama3-8b" and "--sequence-parallel" in train
     assert train[train.index("--data-path") + 1:train.index("--tokenizer-model")] == ["0.7", "/data/a", "0.3", "/data/b"]
     assert _flag(train, "--mlp-mini-sequences") == "auto" and "--bf16" in train
