@@ -10,10 +10,13 @@ with CUDA's kernels, ``--seq-length auto``), for:
   at 512K: 49.47 GiB with ``auto``'s 128 chunks, 49.56 with 32, simulated in 232 s and 109 s).
 
 Layout per GPU count: TP ``min(8, GPUs)`` with SP, DP 1, CP the rest after the pipeline stages:
-the fewest (1, 2, 4) with which some length fits; CP's all-to-all where the heads allow it, else the
-ring; the distributed optimizer.
-Where Adam's state fits no such layout, megatron-core's ``optimizer_cpu_offload`` (master weights and
-moments in host memory) is taken, as the row says. Rows: benchmark ``sim_reach``.
+the fewest (1, 2, 4) with which some length fits, with Adam's state on the device where it fits
+there, else in host memory (megatron-core's ``optimizer_cpu_offload``: master weights and moments,
+as the row says); CP's all-to-all where the heads allow it, else the ring; the distributed
+optimizer (sharded over CP). More stages before host memory would buy room for weights and Adam
+only: under 1F1B the first stage keeps ``PP`` micro-batches of ``L / PP`` layers in flight, as many
+layer inputs as one micro-batch of all ``L``, and each stage's simulation runs ``PP`` micro-batches.
+Rows: benchmark ``sim_reach``.
 
     python -m benchmarks.sim_reach                          # both models, 1/8/32/64 GPUs
     python -m benchmarks.sim_reach --models llama3-8b --gpus 1 8
@@ -52,7 +55,7 @@ def layouts(gpus: int) -> List[List[str]]:
 
 def longest(model: str, gpus: int, variant: str, gpu_gib: float) -> Dict:
     """One table cell: the longest fitting length of the first of :func:`layouts` where any fits
-    (Adam's state on the device first, then in host memory), with every search it took."""
+    (Adam's state on the device, else in host memory), with every search it took."""
     from mst_megatron import simulate
     from mst_megatron.layout import LayoutError
     from mst_megatron.training import SetupError
@@ -60,8 +63,8 @@ def longest(model: str, gpus: int, variant: str, gpu_gib: float) -> Dict:
     base = ["--model-config", model, "--bf16", "--use-distributed-optimizer", "--gpu-memory-gib", str(gpu_gib),
             "--seq-length", "auto", "--seq-step", str(2048 * max(1, gpus // 8)), *VARIANTS[variant]]
     tried = []
-    for offload in ([], ["--optimizer-cpu-offload"]):
-        for flags in layouts(gpus):
+    for flags in layouts(gpus):
+        for offload in ([], ["--optimizer-cpu-offload"]):
             for comm in ("a2a", "p2p"):
                 try:
                     args, shape = simulate.parse(base + flags + offload + ["--cp-comm-type", comm])
