@@ -10,12 +10,14 @@ with CUDA's kernels, ``--seq-length auto``), for:
   at 512K: 49.47 GiB with ``auto``'s 128 chunks, 49.56 with 32, simulated in 232 s and 109 s).
 
 Layout per GPU count: TP ``min(8, GPUs)`` with SP, DP 1, CP the rest after the pipeline stages:
-the fewest (1, 2, 4) with which some length fits, with Adam's state on the device where it fits
-there, else in host memory (megatron-core's ``optimizer_cpu_offload``: master weights and moments,
-as the row says); CP's all-to-all where the heads allow it, else the ring; the distributed
-optimizer (sharded over CP). More stages before host memory would buy room for weights and Adam
-only: under 1F1B the first stage keeps ``PP`` micro-batches of ``L / PP`` layers in flight, as many
-layer inputs as one micro-batch of all ``L``, and each stage's simulation runs ``PP`` micro-batches.
+the fewest (1, 2, 4) with which some length fits; CP's all-to-all where the heads allow it, else the
+ring; the distributed optimizer (sharded over CP). Adam's state stays on the device where the
+weights, gradient buffers and Adam's state take at most half the budget there
+(:data:`STATIC_SHARE`), else it goes to host memory (megatron-core's ``optimizer_cpu_offload``:
+master weights and moments, as the row says): a device nearly filled by them leaves a few thousand
+tokens (Llama-3-70B on 32 GPUs: 24K). More pipeline stages would buy room for weights and Adam only:
+under 1F1B the first stage keeps ``PP`` micro-batches of ``L / PP`` layers in flight, as many layer
+inputs as one micro-batch of all ``L`` (and each stage's simulation runs ``PP`` micro-batches).
 Rows: benchmark ``sim_reach``.
 
     python -m benchmarks.sim_reach                          # both models, 1/8/32/64 GPUs
@@ -23,6 +25,7 @@ Rows: benchmark ``sim_reach``.
 """
 
 import argparse
+import math
 import time
 from typing import Dict, List, Optional
 
@@ -36,6 +39,7 @@ VARIANTS = {
     "MST": MST,
     "MST + offload": [*MST, "--offload-layer-inputs"],
 }
+STATIC_SHARE = 0.5  # Adam's state goes to host memory where, on the device, the static tensors take more
 OFFLOAD_GPUS = (1, 8)  # the GPU counts the offload variant is simulated at
 MACHINE = "simulated (fake tensors, CUDA kernels)"
 
@@ -55,7 +59,7 @@ def layouts(gpus: int) -> List[List[str]]:
 
 def longest(model: str, gpus: int, variant: str, gpu_gib: float) -> Dict:
     """One table cell: the longest fitting length of the first of :func:`layouts` where any fits
-    (Adam's state on the device, else in host memory), with every search it took."""
+    (Adam's state placed by :func:`static_share`), with every search it took."""
     from mst_megatron import simulate
     from mst_megatron.layout import LayoutError
     from mst_megatron.training import SetupError
@@ -64,19 +68,33 @@ def longest(model: str, gpus: int, variant: str, gpu_gib: float) -> Dict:
             "--seq-length", "auto", "--seq-step", str(2048 * max(1, gpus // 8)), *VARIANTS[variant]]
     tried = []
     for flags in layouts(gpus):
-        for offload in ([], ["--optimizer-cpu-offload"]):
-            for comm in ("a2a", "p2p"):
-                try:
-                    args, shape = simulate.parse(base + flags + offload + ["--cp-comm-type", comm])
-                    found = simulate.longest_fitting(args, shape)
-                except (SetupError, LayoutError) as e:  # a layout the heads or sizes refuse
-                    tried.append(dict(flags=flags + offload + [comm], refused=str(e)[:160]))
-                    continue
-                tried.append(dict(flags=flags + offload + [comm], lengths=found["tried"]))
-                if found["best"] is not None:
-                    return dict(best=found["best"], tried=tried)
-                break  # the all-to-all when it serves, else the ring
+        for comm in ("a2a", "p2p"):
+            try:
+                args, shape = simulate.parse(base + flags + ["--cp-comm-type", comm])
+                static = static_share(args, shape)
+            except (SetupError, LayoutError) as e:  # a layout the heads or sizes refuse
+                tried.append(dict(flags=flags + [comm], refused=str(e)[:160]))
+                continue
+            offload = ["--optimizer-cpu-offload"] if static > STATIC_SHARE else []
+            args, shape = simulate.parse(base + flags + offload + ["--cp-comm-type", comm])
+            found = simulate.longest_fitting(args, shape)
+            tried.append(dict(flags=flags + offload + [comm], static_share=round(static, 4), lengths=found["tried"]))
+            if found["best"] is not None:
+                return dict(best=found["best"], tried=tried)
+            break  # the all-to-all when it serves, else the ring
     return dict(best=None, tried=tried)
+
+
+def static_share(args, shape) -> float:
+    """The share of the budget that weights, gradient buffers and Adam's state (on the device) take
+    on the busiest rank, from one step at the search's shortest length."""
+    from mst_megatron import simulate
+    from mst_megatron.training import arguments
+
+    unit = math.lcm(args.seq_step, arguments.layout_of(args, args.world_size).seq_len_divisor)
+    report = simulate.simulate(args, shape, unit)
+    m = report["busiest"]["memory"]
+    return (m["weights"] + m["grads"] + m["optimizer"] + m["other_static"]) / report["budget_bytes"]
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
