@@ -25,7 +25,6 @@ Rows: benchmark ``sim_reach``.
 """
 
 import argparse
-import math
 import time
 from typing import Dict, List, Optional
 
@@ -76,7 +75,8 @@ def longest(model: str, gpus: int, variant: str, gpu_gib: float) -> Dict:
                 tried.append(dict(flags=flags + [comm], refused=str(e)[:160]))
                 continue
             offload = ["--optimizer-cpu-offload"] if static > STATIC_SHARE else []
-            args, shape = simulate.parse(base + flags + offload + ["--cp-comm-type", comm])
+            if offload:
+                args, shape = simulate.parse(base + flags + offload + ["--cp-comm-type", comm])
             found = simulate.longest_fitting(args, shape)
             tried.append(dict(flags=flags + offload + [comm], static_share=round(static, 4), lengths=found["tried"]))
             if found["best"] is not None:
@@ -89,10 +89,8 @@ def static_share(args, shape) -> float:
     """The share of the budget that weights, gradient buffers and Adam's state (on the device) take
     on the busiest rank, from one step at the search's shortest length."""
     from mst_megatron import simulate
-    from mst_megatron.training import arguments
 
-    unit = math.lcm(args.seq_step, arguments.layout_of(args, args.world_size).seq_len_divisor)
-    report = simulate.simulate(args, shape, unit)
+    report = simulate.simulate(args, shape, simulate.search_unit(args))
     m = report["busiest"]["memory"]
     return (m["weights"] + m["grads"] + m["optimizer"] + m["other_static"]) / report["budget_bytes"]
 

@@ -527,13 +527,19 @@ def largest_fitting(peak_of: Callable[[int], int], budget: int, first: int = 1) 
     return lo, tried
 
 
-def longest_fitting(args, shape) -> Dict:
-    """``--seq-length auto``: the longest multiple of the unit (``--seq-step`` and the layout's
-    sequence divisor) whose step fits, by :func:`largest_fitting` from 16384 tokens; the fitting
-    result (None if none fits) and every length tried with its peak."""
+def search_unit(args) -> int:
+    """The lengths ``--seq-length auto`` tries are multiples of this: ``--seq-step`` and the layout's
+    sequence divisor."""
     from mst_megatron.training import arguments
 
-    unit = math.lcm(args.seq_step, arguments.layout_of(args, args.world_size).seq_len_divisor)
+    return math.lcm(args.seq_step, arguments.layout_of(args, args.world_size).seq_len_divisor)
+
+
+def longest_fitting(args, shape) -> Dict:
+    """``--seq-length auto``: the longest multiple of :func:`search_unit` whose step fits, by
+    :func:`largest_fitting` from 16384 tokens; the fitting result (None if none fits) and every
+    length tried with its peak."""
+    unit = search_unit(args)
     results: Dict[int, Dict] = {}
 
     def peak_of(n: int) -> int:
